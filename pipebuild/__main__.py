@@ -1,0 +1,5 @@
+"""`python -m pipebuild`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,757 @@
+"""The build: wires graph, store, content store, rebuilder, scheduler and executor.
+
+    plan (graph.py) -> lock the workspace -> load traces (2 queries) -> digest sources
+    (stat cache) -> schedule: for each ready task compute its action key, ask the
+    rebuilder, run/restore/skip -> one transaction per finished task -> summary.
+
+Workspace layout, `.pipebuild/` beside the Pipefile (or in `LocalBackend(cache_dir=)`):
+`cache.sqlite`, `cas/`, `tmp/<task>/` (task directories, removed after success),
+`logs/<task>.out|.err`, `lock`. It is disposable: deleting it costs a rebuild.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from .cas import ContentStore
+from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
+from .executors import Executor, Job, JobResult
+from .graph import STATE_DIR, Graph, Node, plan, resolve
+from .hashing import action_key, digest_str, hash_file, recipe
+from .pipeline import Pipeline
+from .rebuild import Action, Decision, Rebuilder, Reason, StatCache
+from .report import Reporter
+from .resource import safe_name
+from .schedule import Scheduler
+from .store import Store, TaskRecord
+
+TMP_SUFFIX = ".pipebuild-tmp"
+STDERR_TAIL = 10
+
+
+@dataclass
+class Options:
+    """How to build: where, how many at once, what to force, who reports."""
+
+    workspace: str  # relative paths in the pipeline resolve against this directory
+    cache_dir: str | None = None  # where .pipebuild/ lives (default: workspace)
+    jobs: int = 1
+    keep_going: bool = False
+    verbose: bool = False  # Pipeline.run(verbose=True): show each task's stdout
+    delete_scratch: bool = True
+    explain: bool = False
+    verbosity: int = 0
+    targets: list[str] | None = None
+    force_all: bool = False
+    force: list[str] = field(default_factory=list)  # targets whose tasks must rerun
+    wait: bool = True  # wait for the workspace lock (else WorkspaceBusy)
+    executor: Executor | None = None
+    reporter: Reporter | None = None
+
+    @property
+    def state_dir(self) -> str:
+        """The `.pipebuild` directory."""
+        return os.path.join(os.path.abspath(self.cache_dir or self.workspace), STATE_DIR)
+
+
+@dataclass
+class TaskFailure:
+    """One failed task, as reported."""
+
+    name: str
+    detail: str
+    log: str | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    """What a build did; `raise_for_failure` turns failures into a BuildFailed."""
+
+    ran: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    failed: list[TaskFailure] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    hashed: int = 0
+    queries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True if no task failed or was left out because of a failure."""
+        return not self.failed and not self.not_run
+
+    def raise_for_failure(self) -> None:
+        """Raise BuildFailed naming the failed tasks, if any."""
+        if self.failed or self.not_run:
+            names = [f.name for f in self.failed]
+            detail = "; ".join(f"{f.name}: {f.detail}" for f in self.failed)
+            raise BuildFailed(names, f"{len(names)} task(s) failed: {detail}")
+
+
+# -- workspace -------------------------------------------------------------------------
+
+
+class Workspace:
+    """The `.pipebuild` directory and its lock."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        self.db = os.path.join(state_dir, "cache.sqlite")
+        self.cas = os.path.join(state_dir, "cas")
+        self.tmp = os.path.join(state_dir, "tmp")
+        self.logs = os.path.join(state_dir, "logs")
+        self.dirty = os.path.join(state_dir, "building")
+        self._lock_fd: int | None = None
+
+    def lock(self, wait: bool, reporter: Reporter) -> None:
+        """Take the workspace lock, waiting (with a message) or raising WorkspaceBusy."""
+        os.makedirs(self.dir, exist_ok=True)
+        ignore = os.path.join(self.dir, ".gitignore")
+        if not os.path.exists(ignore):
+            with open(ignore, "w") as f:
+                f.write("*\n")
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            where = os.path.dirname(self.dir)
+            if not wait:
+                os.close(fd)
+                raise WorkspaceBusy(f"another pipebuild (pid {holder}) is building in {where}") from None
+            reporter.message(f"pipebuild: waiting for another pipebuild (pid {holder}) building in {where}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def recover(self, graph: Graph) -> None:
+        """Remove what an interrupted build left: task directories and temp outputs."""
+        if os.path.exists(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        cas_tmp = os.path.join(self.cas, "tmp")
+        if os.path.exists(cas_tmp):
+            shutil.rmtree(cas_tmp, ignore_errors=True)
+        if os.path.exists(self.dirty):
+            for n in graph.nodes:
+                for o in n.outputs:
+                    for d in o.dests:
+                        _unlink_quiet(_tmp_name(d))
+            for _, dests in graph.input_copies:
+                for d in dests:
+                    _unlink_quiet(_tmp_name(d))
+        os.makedirs(self.tmp, exist_ok=True)
+        os.makedirs(self.logs, exist_ok=True)
+        with open(self.dirty, "w"):
+            pass
+
+    def finish(self) -> None:
+        """Mark the build as ended cleanly."""
+        _unlink_quiet(self.dirty)
+
+
+def _tmp_name(dest: str) -> str:
+    d, b = os.path.split(dest)
+    return os.path.join(d, "." + b + TMP_SUFFIX)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        pass
+
+
+def publish(src: str, dest: str) -> tuple[str, int, int, int]:
+    """Copy `src` to `dest` atomically (temp name, then rename); returns dest's stat data."""
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(dest):
+        raise OSError(f"destination {dest} is a directory")
+    tmp = _tmp_name(dest)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    st = os.stat(dest)
+    return (dest, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# -- target selection ------------------------------------------------------------------
+
+
+def select(graph: Graph, targets: list[str] | None) -> list[int]:
+    """Node indices for the targets (task names or destinations); all nodes when none."""
+    if not targets:
+        return list(range(len(graph.nodes)))
+    roots: list[int] = []
+    copies = {d for _, dests in graph.input_copies for d in dests}
+    for t in targets:
+        n = graph.by_name.get(t)
+        if n is None:
+            try:
+                n = graph.by_dest.get(resolve(t, graph.workspace))
+            except Exception:  # noqa: BLE001 - an unparsable target is simply unknown
+                n = None
+            if n is None and resolve(t, graph.workspace) in copies:
+                continue
+        if n is None:
+            raise UsageError(_unknown_target(graph, t))
+        roots.append(n.index)
+    return roots
+
+
+def _unknown_target(graph: Graph, target: str) -> str:
+    candidates = list(graph.by_name) + [os.path.relpath(d, graph.workspace) for d in graph.by_dest]
+    close = difflib.get_close_matches(target, candidates, n=3, cutoff=0.5)
+    msg = f"unknown target '{target}'"
+    if close:
+        msg += "; did you mean " + ", ".join(f"'{c}'" for c in close) + "?"
+    else:
+        msg += " (see 'pipebuild list')"
+    return msg
+
+
+# -- the build -------------------------------------------------------------------------
+
+
+class _Outcome:
+    """What a worker reports back to the main thread."""
+
+    __slots__ = ("ok", "outputs", "blobs", "files", "failure", "seconds")
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.outputs: dict[str, str] = {}
+        self.blobs: list[tuple[str, int]] = []
+        self.files: list[tuple[str, int, int, int, str]] = []
+        self.failure: TaskFailure | None = None
+        self.seconds = 0.0
+
+
+class _InputLost(Exception):
+    pass
+
+
+class _Build:
+    def __init__(self, graph: Graph, selected: list[bool], options: Options, ws: Workspace, reporter: Reporter):
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.selected = selected
+        self.options = options
+        self.ws = ws
+        self.reporter = reporter
+        if options.executor is None:
+            from .executors.local import LocalExecutor
+
+            self.executor: Executor = LocalExecutor()
+        else:
+            self.executor = options.executor
+        self.result = BuildResult()
+        n = len(graph.nodes)
+        self.outputs: list[dict[str, str] | None] = [None] * n
+        self.pending: dict[int, tuple[str, str, list[tuple[str, str, str]], Decision]] = {}
+
+    def run(self) -> BuildResult:
+        t0 = time.perf_counter()
+        opts, ws = self.options, self.ws
+        self.store = Store(ws.db, warn=self.reporter.warning)
+        try:
+            self.stats = StatCache(self.store.load_files())
+            traces = self.store.load_tasks()
+            self.cas = ContentStore(ws.cas)
+            self.src = self._digest_sources()
+            self._copy_inputs()
+            forced = {self.nodes[i].name for i in select(self.graph, opts.force)} if opts.force else set()
+            if opts.force_all:
+                forced = {n.name for n, s in zip(self.nodes, self.selected) if s}
+            self.rebuilder = Rebuilder(self.store, self.cas, self.stats, traces, forced)
+            self.reporter.start(sum(self.selected))
+            sched = Scheduler(
+                [n.deps for n in self.nodes], self.selected, opts.jobs, opts.keep_going, [n.always_run for n in self.nodes]
+            )
+            try:
+                sched.run(self._decide, self._complete, on_interrupt=self.executor.cancel_all)
+            finally:
+                dirty = self.stats.take_dirty()
+                if dirty:
+                    self.store.record(files=dirty)
+            for i in sched.not_run:
+                self.result.not_run.append(self.nodes[i].name)
+                self.result.reasons[self.nodes[i].name] = Reason.UPSTREAM_FAILED
+                self.reporter.task(self.nodes[i].name, "not run", Reason.UPSTREAM_FAILED)
+        finally:
+            self.result.hashed = self.stats.hashed if hasattr(self, "stats") else 0
+            self.result.queries = self.store.queries
+            self.store.close()
+        r = self.result
+        r.seconds = time.perf_counter() - t0
+        self.reporter.summary(len(r.ran), len(r.restored), len(r.up_to_date), len(r.failed), len(r.not_run), r.seconds)
+        return r
+
+    def _digest_sources(self) -> dict[str, str]:
+        src: dict[str, str] = {}
+        for node, sel in zip(self.nodes, self.selected):
+            if not sel:
+                continue
+            for inp in node.inputs:
+                if inp.source is not None and inp.source not in src:
+                    d = self.stats.digest(inp.source)
+                    if d is None:
+                        what = "is a directory" if os.path.isdir(inp.source) else "does not exist"
+                        raise MissingInputError(f"input file {inp.display} {what}", inp.where or node.where)
+                    src[inp.source] = d
+        return src
+
+    def _copy_inputs(self) -> None:
+        """write_output of an input file: keep each destination a copy of the source."""
+        for r, dests in self.graph.input_copies:
+            source = resolve(r._input_path, self.graph.workspace)
+            d = self.stats.digest(source)
+            if d is None:
+                raise MissingInputError(f"input file {r._input_path} does not exist", r._where)
+            for dest in dests:
+                if self.stats.digest(dest) != d:
+                    path, size, mtime, ino = publish(source, dest)
+                    self.stats.update(path, size, mtime, ino, d)
+
+    # -- main thread: decisions and records ----------------------------------------
+
+    def _decide(self, i: int) -> Callable[[], _Outcome] | None:
+        node = self.nodes[i]
+        inputs: list[tuple[str, str, str]] = []
+        for inp in node.inputs:
+            if inp.source is not None:
+                d: str | None = self.src[inp.source]
+            else:
+                outs = self.outputs[inp.producer]
+                d = outs.get(inp.producer_relpath) if outs else None
+                if d is None:
+                    continue  # the producer failed and this task is always_run
+            inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
+        text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
+        rdigest = digest_str(text)
+        key = action_key(text, [(r, d) for r, _, d in inputs])
+        dec = self.rebuilder.check(node, key, rdigest, inputs)
+        self.result.reasons[node.name] = dec.reason
+        if dec.action is Action.SKIP:
+            self.outputs[i] = dec.outputs
+            self.result.up_to_date.append(node.name)
+            if dec.record:
+                self._record_ok(node, key, rdigest, inputs, dec.outputs, 0.0, [], [])
+            self.reporter.task(node.name, "skipped", dec.reason)
+            return None
+        self.pending[i] = (key, rdigest, inputs, dec)
+        if dec.action is Action.RESTORE:
+            return partial(self._restore, node, dec)
+        return partial(self._execute, node)
+
+    def _record_ok(
+        self,
+        node: Node,
+        key: str,
+        rdigest: str,
+        inputs: list[tuple[str, str, str]],
+        outputs: dict[str, str],
+        seconds: float,
+        blobs: list[tuple[str, int]],
+        files: list[tuple[str, int, int, int, str]],
+        action: bool = False,
+    ) -> None:
+        for row in files:
+            self.stats.rows[row[0]] = row[1:]
+        rec = TaskRecord(
+            key, rdigest, json.dumps({r: [disp, d] for r, disp, d in inputs}), json.dumps(outputs, sort_keys=True),
+            "ok", time.time(), seconds,
+        )  # fmt: skip
+        self.store.record(
+            node.name, rec, (key, outputs) if action else None, blobs, files + self.stats.take_dirty()
+        )
+
+    def _complete(self, i: int, outcome: _Outcome) -> bool:
+        node = self.nodes[i]
+        key, rdigest, inputs, dec = self.pending.pop(i)
+        if outcome.ok:
+            self.outputs[i] = outcome.outputs
+            ran = dec.action is Action.RUN
+            self._record_ok(node, key, rdigest, inputs, outcome.outputs, outcome.seconds, outcome.blobs, outcome.files, ran)
+            (self.result.ran if ran else self.result.restored).append(node.name)
+            self.reporter.task(node.name, "ran" if ran else "restored", dec.reason, outcome.seconds)
+            if self.options.verbose and ran:
+                self.reporter.verbose_log(node.name, self._log(node, "out"))
+            return True
+        failure = outcome.failure or TaskFailure(node.name, "failed")
+        rec = TaskRecord(
+            key, rdigest, json.dumps({r: [disp, d] for r, disp, d in inputs}), "{}", "failed", time.time(), outcome.seconds
+        )
+        self.store.record(node.name, rec, files=self.stats.take_dirty())
+        self.result.failed.append(failure)
+        self.reporter.task(node.name, "failed", failure.detail)
+        self.reporter.failure(failure.name, failure.detail, failure.log, failure.tail)
+        return False
+
+    # -- worker threads ------------------------------------------------------------
+
+    def _log(self, node: Node, kind: str) -> str:
+        return os.path.join(self.ws.logs, safe_name(node.name) + "." + kind)
+
+    def _restore(self, node: Node, dec: Decision) -> _Outcome:
+        out = _Outcome()
+        try:
+            for digest, dest in dec.restore:
+                path, size, mtime, ino = publish(self.cas.path(digest), dest)
+                out.files.append((path, size, mtime, ino, digest))
+        except OSError as e:
+            out.failure = TaskFailure(node.name, f"cannot restore output: {e}")
+            return out
+        out.outputs = dec.outputs
+        out.ok = True
+        return out
+
+    def _execute(self, node: Node) -> _Outcome:
+        t0 = time.perf_counter()
+        out = _Outcome()
+        opts = self.options
+        workdir = os.path.join(self.ws.tmp, safe_name(node.name))
+        try:
+            self._prepare(node, workdir)
+        except _InputLost as e:
+            out.failure = TaskFailure(node.name, str(e))
+            return out
+        job = Job(
+            name=node.name,
+            dir=workdir,
+            script=task_script(node, opts.verbose),
+            stdout=self._log(node, "out"),
+            stderr=self._log(node, "err"),
+            timeout=node.timeout,
+            image=node.image,
+        )
+        res: JobResult = self.executor.run(job)
+        out.seconds = time.perf_counter() - t0
+        if res.exit_code != 0 or res.timed_out or res.error:
+            if res.timed_out:
+                detail = f"timed out after {node.timeout:g} s"
+            elif res.error:
+                detail = res.error
+            else:
+                detail = f"exit code {res.exit_code}"
+            out.failure = TaskFailure(node.name, detail, os.path.relpath(job.stderr), _tail(job.stderr))
+            return out
+        try:
+            self._collect(node, workdir, out)
+        except OSError as e:
+            out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", os.path.relpath(job.stderr))
+            return out
+        if out.failure is None:
+            out.ok = True
+            if opts.delete_scratch:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return out
+
+    def _prepare(self, node: Node, workdir: str) -> None:
+        if os.path.lexists(workdir):
+            shutil.rmtree(workdir)
+        os.makedirs(os.path.join(workdir, "out"))
+        made = {workdir, os.path.join(workdir, "out")}
+        for inp in node.inputs:
+            if inp.source is not None:
+                src = inp.source
+            else:
+                outs = self.outputs[inp.producer]
+                d = outs.get(inp.producer_relpath) if outs else None
+                if d is None:
+                    continue
+                src = self._blob_for(inp.producer, inp.producer_relpath, d)
+            dst = os.path.join(workdir, inp.relpath)
+            parent = os.path.dirname(dst)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            from .cas import link_or_copy
+
+            link_or_copy(src, dst)
+
+    def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
+        """The store path of an upstream output, re-stored from a destination if need be."""
+        if self.cas.has(digest):
+            return self.cas.path(digest)
+        for o in self.nodes[producer].outputs:
+            if o.relpath == relpath:
+                for dest in o.dests:
+                    if os.path.isfile(dest) and hash_file(dest) == digest:
+                        self.cas.put_copy(dest, digest)
+                        return self.cas.path(digest)
+        raise _InputLost(
+            f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again"
+        )
+
+    def _collect(self, node: Node, workdir: str, out: _Outcome) -> None:
+        missing = []
+        for o in node.outputs:
+            path = os.path.join(workdir, o.relpath)
+            if not os.path.isfile(path):
+                if o.required:
+                    missing.append(o.relpath)
+                continue
+            size = os.stat(path).st_size
+            d = hash_file(path)
+            self.cas.put(path, d)
+            out.outputs[o.relpath] = d
+            out.blobs.append((d, size))
+        if missing:
+            out.failure = TaskFailure(
+                node.name,
+                f"{Reason.OUTPUT_MISSING}: {', '.join(missing)} (the command did not write it)",
+                os.path.relpath(self._log(node, "err")),
+                _tail(self._log(node, "err")),
+            )
+            return
+        for o in node.outputs:
+            d = out.outputs.get(o.relpath)
+            if d is None:
+                continue
+            for dest in o.dests:
+                path, size, mtime, ino = publish(self.cas.path(d), dest)
+                out.files.append((path, size, mtime, ino, d))
+
+
+def task_script(node: Node, trace: bool = False) -> str:
+    """The bash script a task runs: strict mode, then its commands, one per line."""
+    head = "set -euxo pipefail" if trace else "set -euo pipefail"
+    return head + "\n" + "\n".join(node.commands) + "\n"
+
+
+def _tail(path: str, n: int = STDERR_TAIL) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return data.splitlines()[-n:]
+
+
+def _reporter(options: Options) -> Reporter:
+    return options.reporter or Reporter(options.verbosity, options.explain)
+
+
+def build(pipeline: Pipeline, options: Options) -> BuildResult:
+    """Build the selected targets of `pipeline` incrementally."""
+    reporter = _reporter(options)
+    ws = Workspace(options.state_dir)
+    graph = plan(pipeline, options.workspace, ws.dir)
+    roots = select(graph, options.targets)
+    selected = graph.cone(roots)
+    ws.lock(options.wait, reporter)
+    try:
+        ws.recover(graph)
+        result = _Build(graph, selected, options, ws, reporter).run()
+        ws.finish()
+        return result
+    finally:
+        ws.unlock()
+
+
+# -- previews: dry run, status ---------------------------------------------------------
+
+
+def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
+    """(task, would-do, reason) for the selected tasks, without running or writing."""
+    ws = Workspace(options.state_dir)
+    graph = plan(pipeline, options.workspace, ws.dir)
+    selected = graph.cone(select(graph, options.targets))
+    store = Store(ws.db if os.path.exists(ws.db) else None)
+    try:
+        stats = StatCache(store.load_files())
+        traces = store.load_tasks()
+        cas = ContentStore(ws.cas)
+        forced = {graph.nodes[i].name for i in select(graph, options.force)} if options.force else set()
+        if options.force_all:
+            forced = {n.name for n, s in zip(graph.nodes, selected) if s}
+        rebuilder = Rebuilder(store, cas, stats, traces, forced)
+        outputs: list[dict[str, str] | None] = [None] * len(graph.nodes)
+        stale_by: list[str | None] = [None] * len(graph.nodes)
+        rows: list[tuple[str, str, str]] = []
+        for node in graph.nodes:
+            if not selected[node.index]:
+                continue
+            upstream = next((stale_by[d] for d in node.deps if stale_by[d]), None)
+            if upstream is not None:
+                stale_by[node.index] = upstream
+                rows.append((node.name, "may run", f"after {upstream}"))
+                continue
+            inputs: list[tuple[str, str, str]] = []
+            missing = None
+            for inp in node.inputs:
+                if inp.source is not None:
+                    d = stats.digest(inp.source)
+                    if d is None:
+                        missing = inp.display
+                        break
+                else:
+                    outs = outputs[inp.producer] or {}
+                    d = outs.get(inp.producer_relpath)
+                    if d is None:
+                        continue
+                inputs.append((inp.relpath, inp.display, d))
+            if missing is not None:
+                stale_by[node.index] = node.name
+                rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
+                continue
+            text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
+            key = action_key(text, [(r, d) for r, _, d in inputs])
+            dec = rebuilder.check(node, key, digest_str(text), inputs)
+            if dec.action is Action.RUN:
+                stale_by[node.index] = node.name
+                rows.append((node.name, "run", dec.reason))
+            else:
+                outputs[node.index] = dec.outputs
+                rows.append((node.name, "restore" if dec.action is Action.RESTORE else "skip", dec.reason))
+        return rows
+    finally:
+        store.close()
+
+
+def script(pipeline: Pipeline, options: Options, only: list[str] | None = None) -> str:
+    """A bash script that builds the pipeline from scratch, without pipebuild."""
+    ws = Workspace(options.state_dir)
+    graph = plan(pipeline, options.workspace, ws.dir)
+    selected = graph.cone(select(graph, options.targets))
+    q = shlex.quote
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Generated by pipebuild: builds {pipeline.name or 'the pipeline'} from scratch, in dependency order.",
+        "# Each task runs in its own directory with the same relative paths pipebuild uses.",
+        "set -euo pipefail",
+        f"cd {q(options.workspace)}",
+        f"S={q(os.path.join(ws.dir, 'script'))}",
+        'rm -rf "$S" && mkdir -p "$S"',
+    ]
+
+    def publish_lines(src: str, dest: str) -> list[str]:
+        tmp = _tmp_name(dest)
+        return [f"mkdir -p {q(os.path.dirname(dest))}", f"cp {src} {q(tmp)} && mv {q(tmp)} {q(dest)}"]
+
+    for r, dests in graph.input_copies:
+        for dest in dests:
+            lines += publish_lines(q(resolve(r._input_path, graph.workspace)), dest)
+    for node in graph.nodes:
+        if not selected[node.index]:
+            continue
+        d = f'"$S"/{q(safe_name(node.name))}'
+        lines.append("")
+        lines.append(f"# task {node.name}")
+        dirs = sorted({os.path.dirname(i.relpath) for i in node.inputs} | {"out"})
+        lines.append("mkdir -p " + " ".join(f"{d}/{x}" for x in dirs))
+        for inp in node.inputs:
+            if inp.source is not None:
+                src = q(inp.source)
+            else:
+                src = f'"$S"/{q(safe_name(graph.nodes[inp.producer].name))}/{inp.producer_relpath}'
+            lines.append(f"cp {src} {d}/{inp.relpath}")
+        body = task_script(node)
+        lines.append(f'(cd {d} && PIPEBUILD_TASK_DIR="$PWD" bash -c {q(body)})')
+        for o in node.outputs:
+            for dest in o.dests:
+                lines += publish_lines(f"{d}/{o.relpath}", dest)
+    return "\n".join(lines) + "\n"
+
+
+# -- housekeeping ----------------------------------------------------------------------
+
+
+def clean(pipeline: Pipeline, options: Options, everything: bool = False) -> list[str]:
+    """Remove the published outputs of the selected tasks; `everything` drops .pipebuild too."""
+    reporter = _reporter(options)
+    ws = Workspace(options.state_dir)
+    graph = plan(pipeline, options.workspace, ws.dir)
+    selected = graph.cone(select(graph, options.targets)) if options.targets else [True] * len(graph.nodes)
+    removed: list[str] = []
+    ws.lock(options.wait, reporter)
+    try:
+        names = []
+        for node in graph.nodes:
+            if not selected[node.index]:
+                continue
+            names.append(node.name)
+            for o in node.outputs:
+                for dest in o.dests:
+                    if os.path.isfile(dest):
+                        os.unlink(dest)
+                        removed.append(dest)
+        if everything:
+            for entry in os.listdir(ws.dir):
+                if entry != "lock":
+                    p = os.path.join(ws.dir, entry)
+                    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        elif os.path.exists(ws.db):
+            store = Store(ws.db, warn=reporter.warning)
+            store.forget_tasks(names)
+            store.record(forget_files=removed)
+            store.close()
+    finally:
+        ws.unlock()
+    return removed
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '500M', '2G', '1.5GiB', '1024' (K/M/G/T powers of 1024)."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = 1
+    if s and s[-1] in units:
+        mult = units[s[-1]]
+        s = s[:-1]
+    try:
+        value = float(s)
+    except ValueError:
+        raise UsageError(f"not a size: '{text}' (use e.g. 500M or 2G)") from None
+    if value < 0:
+        raise UsageError(f"not a size: '{text}'")
+    return int(value * mult)
+
+
+def gc(options: Options, max_size: int) -> tuple[int, int]:
+    """Trim the content store to `max_size` bytes, least recently used first."""
+    reporter = _reporter(options)
+    ws = Workspace(options.state_dir)
+    if not os.path.exists(ws.db):
+        return (0, 0)
+    ws.lock(options.wait, reporter)
+    try:
+        store = Store(ws.db, warn=reporter.warning)
+        cas = ContentStore(ws.cas)
+        rows = store.blobs_by_age()
+        total = sum(size for _, size, _ in rows)
+        removed = freed = 0
+        for digest, size, _ in rows:
+            if total <= max_size:
+                break
+            freed += cas.remove(digest)
+            store.forget_blob(digest)
+            total -= size
+            removed += 1
+        store.close()
+        return (removed, freed)
+    finally:
+        ws.unlock()
+

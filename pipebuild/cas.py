@@ -1,0 +1,111 @@
+"""The local content-addressed store: `.pipebuild/cas/<2 hex>/<30 hex>`.
+
+Every blob is read-only and has its mtime set to a sentinel (1 s after the epoch). Tasks
+see blobs through hard links, so a task that writes into an input in place would alter
+the blob; any write moves the mtime off the sentinel, so one `stat` tells an intact blob
+from a suspect one without reading it. A suspect blob is re-hashed: kept (and re-marked)
+if its bytes still match, deleted if not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+from .hashing import hash_file
+
+SENTINEL_MTIME_NS = 1_000_000_000
+
+
+class ContentStore:
+    """Blobs by digest under `root`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._dirs: set[str] = set()
+        self.tmp = os.path.join(root, "tmp")
+
+    def path(self, digest: str) -> str:
+        """Where the blob with this digest lives."""
+        return os.path.join(self.root, digest[:2], digest[2:])
+
+    def has(self, digest: str) -> bool:
+        """True if the blob is present and intact; a damaged blob is deleted."""
+        p = self.path(digest)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return False
+        if st.st_mtime_ns == SENTINEL_MTIME_NS:
+            return True
+        if hash_file(p) == digest:
+            _mark(p)
+            return True
+        os.unlink(p)
+        return False
+
+    def _dir_for(self, digest: str) -> str:
+        d = os.path.join(self.root, digest[:2])
+        if d not in self._dirs:
+            os.makedirs(d, exist_ok=True)
+            self._dirs.add(d)
+        return d
+
+    def put(self, src: str, digest: str) -> None:
+        """Add the file `src` (a task's output, which it consumes) under `digest`."""
+        if self.has(digest):
+            os.unlink(src)
+            return
+        self._dir_for(digest)
+        st = os.lstat(src)
+        if st.st_nlink > 1 or not os.path.isfile(src) or os.path.islink(src):
+            # Another name shares this inode (or it is a link): store a private copy, so
+            # marking the blob never touches a file outside the store.
+            os.makedirs(self.tmp, exist_ok=True)
+            tmp = os.path.join(self.tmp, digest)
+            shutil.copyfile(src, tmp)
+            os.unlink(src)
+            src = tmp
+        _mark(src)
+        os.replace(src, self.path(digest))
+
+    def put_copy(self, src: str, digest: str) -> None:
+        """Add a copy of `src` (a file that must stay where it is) under `digest`."""
+        if self.has(digest):
+            return
+        self._dir_for(digest)
+        os.makedirs(self.tmp, exist_ok=True)
+        tmp = os.path.join(self.tmp, digest)
+        shutil.copyfile(src, tmp)
+        _mark(tmp)
+        os.replace(tmp, self.path(digest))
+
+    def link_to(self, digest: str, dst: str) -> None:
+        """Make the blob visible at `dst`: a hard link, or a copy across devices."""
+        link_or_copy(self.path(digest), dst)
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob; returns the bytes freed."""
+        p = self.path(digest)
+        try:
+            size = os.stat(p).st_size
+            os.unlink(p)
+        except FileNotFoundError:
+            return 0
+        return size
+
+
+def _mark(path: str) -> None:
+    os.chmod(path, 0o444)
+    os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link `src` at `dst`, copying when a link is not possible."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
+            raise
+        shutil.copyfile(src, dst)

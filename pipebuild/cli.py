@@ -1,0 +1,210 @@
+"""The command line: `pipebuild make|list|status|clean|gc`.
+
+Exit status: 0 success, 1 a task failed, 2 a usage or definition error (one line, no
+traceback), 130 interrupted (running tasks are stopped first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from enum import IntEnum
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+from .exceptions import BuildFailed, DefinitionError, PipelineException, UsageError
+
+
+class Exit(IntEnum):
+    """Exit statuses."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+app = typer.Typer(
+    name="pipebuild",
+    help="A file-target build tool for Pipefiles written with the hailtop.pipeline API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+FileOpt = Annotated[Optional[str], typer.Option("-f", "--file", help="The Pipefile (default: Pipefile.py).")]
+DirOpt = Annotated[Optional[str], typer.Option("-C", "--directory", help="Change to DIR before anything else.")]
+TargetsArg = Annotated[Optional[list[str]], typer.Argument(help="Destinations or task names (default: all).")]
+
+
+def _fail(message: str, code: Exit = Exit.USAGE) -> NoReturn:
+    typer.echo(f"pipebuild: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+def _load(file: str | None, directory: str | None):  # type: ignore[no-untyped-def]
+    from . import load
+
+    path = load.find(file, directory)
+    os.chdir(os.path.dirname(path))
+    return load.load(path)
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    """Turn pipebuild errors into one line and an exit status."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except DefinitionError as e:
+            _fail(e.one_line())
+        except UsageError as e:
+            _fail(e.msg)
+        except BuildFailed:
+            raise typer.Exit(int(Exit.FAILED)) from None
+        except PipelineException as e:
+            _fail(e.msg.splitlines()[0] if e.msg else type(e).__name__)
+        except KeyboardInterrupt:
+            typer.echo("pipebuild: interrupted", err=True)
+            raise typer.Exit(int(Exit.INTERRUPTED)) from None
+
+    return wrapper
+
+
+def _options(**kwargs):  # type: ignore[no-untyped-def]
+    from .build import Options
+
+    return Options(workspace=os.getcwd(), **kwargs)
+
+
+@app.command()
+@_guard
+def make(
+    targets: TargetsArg = None,
+    jobs: Annotated[Optional[int], typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")] = None,
+    dry_run: Annotated[bool, typer.Option("-n", "--dry-run", help="Show what would run, and the script.")] = False,
+    keep_going: Annotated[bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Say why each task ran or was skipped.")] = False,
+    force: Annotated[
+        bool, typer.Option("-B", "--force", help="Rerun the targets' tasks (all tasks when no target) regardless.")
+    ] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit 2 if another build holds the workspace.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print failures only.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Also print skipped tasks.")] = False,
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Build targets, running only the tasks that are stale."""
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"-j must be at least 1, not {jobs}")
+    pipeline = _load(file, directory)
+    from . import build
+
+    force_all = force and not targets
+    opts = _options(
+        jobs=jobs or os.cpu_count() or 1,
+        keep_going=keep_going,
+        explain=explain,
+        verbosity=-1 if quiet else (1 if verbose else 0),
+        targets=targets or None,
+        force_all=force_all,
+        force=list(targets) if force and targets else [],
+        wait=not no_wait,
+    )
+    if dry_run:
+        rows = build.preview(pipeline, opts)
+        width = max((len(n) for n, _, _ in rows), default=0)
+        for name, what, reason in rows:
+            if what != "skip" or explain or verbose:
+                typer.echo(f"{what:10} {name:{width}}  {reason}")
+        todo = sum(1 for _, what, _ in rows if what != "skip")
+        typer.echo(f"pipebuild: {todo} of {len(rows)} tasks would run or be restored")
+        typer.echo("\n# The script that builds these targets from scratch:")
+        typer.echo(build.script(pipeline, opts), nl=False)
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = build.build(pipeline, opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result.raise_for_failure()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command("list")
+@_guard
+def list_(file: FileOpt = None, directory: DirOpt = None) -> None:
+    """List tasks and the targets they publish."""
+    pipeline = _load(file, directory)
+    from .build import Options
+    from .graph import plan
+
+    opts = Options(workspace=os.getcwd())
+    graph = plan(pipeline, opts.workspace, opts.state_dir)
+    for node in graph.nodes:
+        dests = [os.path.relpath(d) for o in node.outputs for d in o.dests]
+        typer.echo(node.name + (":  " + " ".join(dests) if dests else ""))
+
+
+@app.command()
+@_guard
+def status(targets: TargetsArg = None, file: FileOpt = None, directory: DirOpt = None) -> None:
+    """Show what is stale and why, without running anything."""
+    pipeline = _load(file, directory)
+    from . import build
+
+    rows = build.preview(pipeline, _options(targets=targets or None))
+    width = max((len(n) for n, _, _ in rows), default=0)
+    stale = 0
+    for name, what, reason in rows:
+        state = "up to date" if what == "skip" else "stale"
+        stale += state == "stale"
+        typer.echo(f"{state:10} {name:{width}}  {reason}")
+    typer.echo(f"pipebuild: {stale} of {len(rows)} tasks stale")
+
+
+@app.command()
+@_guard
+def clean(
+    targets: TargetsArg = None,
+    everything: Annotated[bool, typer.Option("--all", help="Also delete .pipebuild/ (cache and store).")] = False,
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Remove built outputs (the cache keeps them: the next make restores them)."""
+    pipeline = _load(file, directory)
+    from . import build
+
+    removed = build.clean(pipeline, _options(targets=targets or None), everything)
+    typer.echo(f"pipebuild: removed {len(removed)} output(s)")
+
+
+@app.command()
+@_guard
+def gc(
+    max_size: Annotated[str, typer.Option("--max-size", help="Keep the content store under SIZE (e.g. 500M, 2G).")],
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Trim the content store, least recently used first."""
+    from . import build, load
+
+    path = load.find(file, directory)
+    os.chdir(os.path.dirname(path))
+    removed, freed = build.gc(_options(), build.parse_size(max_size))
+    typer.echo(f"pipebuild: removed {removed} blob(s), {freed} bytes")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(int(Exit.INTERRUPTED))

@@ -1,0 +1,58 @@
+"""Executors: what runs one job. `Executor` is the seam; `FakeExecutor` is its test double."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Job:
+    """One command to run in a prepared task directory."""
+
+    name: str
+    dir: str  # absolute path of the task directory (the working directory)
+    script: str  # bash script, starting with `set -euo pipefail`
+    stdout: str  # log file paths
+    stderr: str
+    timeout: float | None = None
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """How a job ended: exit code, or a timeout, or an error outside the command."""
+
+    exit_code: int
+    timed_out: bool = False
+    error: str | None = None
+
+
+class Executor(Protocol):
+    """Runs jobs; must be safe to call from several threads at once."""
+
+    def run(self, job: Job) -> JobResult:
+        """Run the job to completion."""
+        ...
+
+    def cancel_all(self) -> None:
+        """Stop every running job (Ctrl-C)."""
+        ...
+
+
+class FakeExecutor:
+    """Records each job and answers with `handler(job)` (an exit code), for tests."""
+
+    def __init__(self, handler: Callable[[Job], int]) -> None:
+        self.handler = handler
+        self.jobs: list[Job] = []
+
+    def run(self, job: Job) -> JobResult:
+        """Record the job, then let the handler play it."""
+        self.jobs.append(job)
+        return JobResult(self.handler(job))
+
+    def cancel_all(self) -> None:
+        """Nothing runs in the background."""

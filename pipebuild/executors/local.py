@@ -1,0 +1,77 @@
+"""The local executor: bash on this machine, one process group per job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+from . import Job, JobResult
+
+# bash -c takes the script as one argument, and Linux caps one argument at 128 KiB;
+# longer scripts (e.g. a gather over 10,000 inputs) go through a file.
+_MAX_ARG = 100_000
+
+
+class LocalExecutor:
+    """Runs each job as `bash -c SCRIPT` in its task directory."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def run(self, job: Job) -> JobResult:
+        """Run the job; kill its process group when it exceeds its timeout."""
+        env = dict(os.environ)
+        env.update(job.env)
+        env["PIPEBUILD_TASK_DIR"] = job.dir
+        if len(job.script) < _MAX_ARG:
+            argv = ["bash", "-c", job.script]
+        else:
+            path = job.dir + ".sh"
+            with open(path, "w") as f:
+                f.write(job.script)
+            argv = ["bash", path]
+        with open(job.stdout, "wb") as out, open(job.stderr, "wb") as err:
+            with self._lock:
+                if self._cancelled:
+                    return JobResult(130, error="interrupted")
+                try:
+                    p = subprocess.Popen(
+                        argv, cwd=job.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        env=env, start_new_session=True,
+                    )  # fmt: skip
+                except OSError as e:
+                    return JobResult(127, error=f"cannot start bash: {e}")
+                self._procs[p.pid] = p
+            try:
+                try:
+                    code = p.wait(timeout=job.timeout)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    _killpg(p.pid)
+                    code = p.wait()
+                    timed_out = True
+            finally:
+                with self._lock:
+                    self._procs.pop(p.pid, None)
+        if self._cancelled and code != 0:
+            return JobResult(code, error="interrupted")
+        return JobResult(code, timed_out=timed_out)
+
+    def cancel_all(self) -> None:
+        """Kill every running job's process group; no new job starts afterwards."""
+        with self._lock:
+            self._cancelled = True
+            procs = list(self._procs.values())
+        for p in procs:
+            _killpg(p.pid)
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,61 @@
+"""Digests and action keys.
+
+A file is identified by the xxh3-128 digest of its bytes (32 hex digits). Files are hashed
+streaming in 1 MiB blocks into one reused buffer, so a 10 GiB file costs 1 MiB of memory;
+xxh3 runs at several GB/s, so hashing is bound by the disk, not the CPU.
+
+An action key is xxh3-128 over a canonical encoding of what determines a task's outputs:
+the cache format version, the commands as they run (resource paths are relative and
+stable, so they are the roles), the image, the environment, each input's relative path
+bound to its digest, and the relative paths of the outputs. Fields are separated by NUL,
+which cannot occur in a path or in a command that bash accepts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import xxhash
+
+FORMAT_VERSION = "pipebuild-action-1"
+_BLOCK = 1 << 20
+
+
+def hash_file(path: str) -> str:
+    """The xxh3-128 hex digest of the file's bytes, read in 1 MiB blocks."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def digest_str(text: str) -> str:
+    """The xxh3-128 hex digest of a string's UTF-8 bytes."""
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogateescape"))
+
+
+def recipe(commands: list[str], image: str | None, env: dict[str, str], outputs: list[str]) -> str:
+    """The part of an action key that does not depend on input contents."""
+    parts = [FORMAT_VERSION, "cmd", *commands, "image", image or "", "env"]
+    for k in sorted(env):
+        parts.append(f"{k}={env[k]}")
+    parts.append("out")
+    parts.extend(outputs)
+    return "\0".join(parts)
+
+
+def action_key(recipe_text: str, inputs: list[tuple[str, str]]) -> str:
+    """The action key: the recipe plus every (input path, digest) pair."""
+    h = xxhash.xxh3_128(recipe_text.encode("utf-8", "surrogateescape"))
+    for relpath, digest in inputs:
+        h.update(f"\0in\0{relpath}\0{digest}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()

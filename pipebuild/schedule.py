@@ -1,0 +1,107 @@
+"""The scheduler: runs nodes in dependency order, `jobs` at a time.
+
+It knows nothing of stores or executors. For each node whose dependencies are done it
+asks `decide(i)`, which either finishes the node at once (returns None: up to date) or
+returns work to run on a worker thread; `complete(i, result)` then says whether the node
+succeeded. Decisions happen on the calling thread as soon as a node is ready, so a no-op
+build never touches the thread pool. After a failure no new work starts unless
+`keep_going`; then everything not downstream of a failure still runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Work = Callable[[], Any]
+
+
+class Scheduler:
+    """Dependency-ordered execution over nodes 0..n-1 (given in topological order)."""
+
+    def __init__(
+        self,
+        deps: Sequence[Sequence[int]],
+        selected: Sequence[bool],
+        jobs: int,
+        keep_going: bool = False,
+        always_run: Sequence[bool] | None = None,
+    ) -> None:
+        self.n = len(deps)
+        self.selected = selected
+        self.jobs = max(1, jobs)
+        self.keep_going = keep_going
+        self.always_run = always_run or [False] * self.n
+        self.consumers: list[list[int]] = [[] for _ in range(self.n)]
+        self.pending = [0] * self.n
+        for i, ds in enumerate(deps):
+            if not selected[i]:
+                continue
+            for d in ds:
+                self.consumers[d].append(i)
+                self.pending[i] += 1
+        self.blocked = [False] * self.n  # a dependency failed
+        self.not_run: list[int] = []  # skipped because a dependency failed
+        self.failed = False
+        self.interrupted = False
+
+    def run(
+        self,
+        decide: Callable[[int], Work | None],
+        complete: Callable[[int, Any], bool],
+        on_interrupt: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Run every selected node; returns when nothing more can run."""
+        ready = deque(i for i in range(self.n) if self.selected[i] and self.pending[i] == 0)
+        runq: deque[tuple[int, Work]] = deque()
+        running: dict[cf.Future[Any], int] = {}
+        pool = cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pipebuild")
+        try:
+            while True:
+                while ready:
+                    i = ready.popleft()
+                    if self.blocked[i] and not self.always_run[i]:
+                        self.not_run.append(i)
+                        self._finish(i, False, ready)
+                        continue
+                    work = decide(i)
+                    if work is None:
+                        self._finish(i, True, ready)
+                    else:
+                        runq.append((i, work))
+                stopping = self.failed and not self.keep_going
+                while runq and len(running) < self.jobs and not stopping:
+                    i, work = runq.popleft()
+                    running[pool.submit(work)] = i
+                if not running:
+                    if stopping:
+                        self.not_run.extend(i for i, _ in runq)
+                    break
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    i = running.pop(fut)
+                    ok = complete(i, fut.result())
+                    if not ok:
+                        self.failed = True
+                    self._finish(i, ok, ready)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            on_interrupt()
+            for fut in list(running):
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 - the run is being abandoned
+                    pass
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, i: int, ok: bool, ready: deque[int]) -> None:
+        for c in self.consumers[i]:
+            if not ok:
+                self.blocked[c] = True
+            self.pending[c] -= 1
+            if self.pending[c] == 0:
+                ready.append(c)

@@ -1,0 +1,211 @@
+"""The trace store: `.pipebuild/cache.sqlite`.
+
+Tables (created through sqlite-utils; the hot path uses the sqlite3 module directly,
+because importing sqlite_utils costs ~60 ms, a quarter of a 10,000-task no-op):
+
+    meta     key -> value                  schema version
+    files    path -> size, mtime_ns, ino, digest
+                                           stat cache for sources and published outputs
+    tasks    name -> key, recipe, inputs, outputs, status, finished, duration
+                                           the last build of each task (for explain)
+    actions  key -> outputs                the action cache: key -> {relpath: digest}
+    blobs    digest -> size, used          content-store entries, for gc (LRU)
+
+Read once at start (two queries), then one small transaction per finished task. WAL with
+synchronous=NORMAL: a kill -9 can lose at most the transaction in flight, never corrupt
+the file, and a commit costs no fsync. A database from another schema version, or one
+that is not a database at all, is replaced with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+SCHEMA_VERSION = "1"
+
+FileRow = tuple[int, int, int, str]  # size, mtime_ns, ino, digest
+
+
+class TaskRecord:
+    """The last recorded build of one task."""
+
+    __slots__ = ("key", "recipe", "inputs", "outputs", "status", "finished", "duration")
+
+    def __init__(self, key: str, recipe: str, inputs: str, outputs: str, status: str, finished: float, duration: float):
+        self.key = key
+        self.recipe = recipe
+        self.inputs = inputs  # JSON {relpath: [display, digest]}, parsed on demand
+        self.outputs = outputs  # JSON {relpath: digest}
+        self.status = status
+        self.finished = finished
+        self.duration = duration
+
+    def output_digests(self) -> dict[str, str]:
+        """{relpath: digest} of the recorded outputs."""
+        result: dict[str, str] = json.loads(self.outputs)
+        return result
+
+    def input_digests(self) -> dict[str, list[str]]:
+        """{relpath: [display, digest]} of the recorded inputs."""
+        result: dict[str, list[str]] = json.loads(self.inputs)
+        return result
+
+
+class Store:
+    """The SQLite trace store; `path=None` keeps it in memory (tests)."""
+
+    def __init__(self, path: str | None, warn: Callable[[str], None] = print) -> None:
+        self.path = path
+        self._warn = warn
+        self.queries = 0  # statements issued, so tests can count work
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            if path is None:
+                raise
+            warn(f"pipebuild: warning: cache {path} is unreadable ({e}); starting a fresh cache")
+            self._remove_files()
+            self.db = self._open()
+
+    def _remove_files(self) -> None:
+        assert self.path is not None
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(self.path + suffix)
+            except FileNotFoundError:
+                pass
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            row = None  # no meta table: a new database
+        if row is not None and row[0] != SCHEMA_VERSION:
+            self._warn(
+                f"pipebuild: warning: cache {self.path} has schema {row[0]}, expected "
+                f"{SCHEMA_VERSION}; starting a fresh cache"
+            )
+            db.close()
+            self._remove_files()
+            db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            row = None
+        if row is None:
+            _create_schema(db)
+        else:
+            # A truncated or damaged file can open and still fail here.
+            db.execute("SELECT count(*) FROM tasks").fetchone()
+        return db
+
+    # -- reading -----------------------------------------------------------------------
+
+    def load_files(self) -> dict[str, FileRow]:
+        """The whole stat cache."""
+        self.queries += 1
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self.db.execute("SELECT path, size, mtime_ns, ino, digest FROM files")}
+
+    def load_tasks(self) -> dict[str, TaskRecord]:
+        """The last build of every task."""
+        self.queries += 1
+        rows = self.db.execute("SELECT name, key, recipe, inputs, outputs, status, finished, duration FROM tasks")
+        return {r[0]: TaskRecord(*r[1:]) for r in rows}
+
+    def action(self, key: str) -> dict[str, str] | None:
+        """The outputs recorded for an action key, or None."""
+        self.queries += 1
+        row = self.db.execute("SELECT outputs FROM actions WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        result: dict[str, str] = json.loads(row[0])
+        return result
+
+    # -- writing -----------------------------------------------------------------------
+
+    def record(
+        self,
+        name: str | None = None,
+        task: TaskRecord | None = None,
+        action: tuple[str, dict[str, str]] | None = None,
+        blobs: Iterable[tuple[str, int]] = (),
+        files: Iterable[tuple[str, int, int, int, str]] = (),
+        forget_files: Iterable[str] = (),
+    ) -> None:
+        """One transaction: a task's trace, its action-cache entry, blobs and stat rows."""
+        now = time.time()
+        db = self.db
+        self.queries += 1
+        db.execute("BEGIN")
+        try:
+            if name is not None and task is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?)",
+                    (name, task.key, task.recipe, task.inputs, task.outputs, task.status, task.finished, task.duration),
+                )
+            if action is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO actions VALUES (?,?,?)",
+                    (action[0], json.dumps(action[1], sort_keys=True), now),
+                )
+            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?,?,?)", ((d, s, now) for d, s in blobs))
+            db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", files)
+            db.executemany("DELETE FROM files WHERE path=?", ((p,) for p in forget_files))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def touch_blobs(self, digests: Iterable[str]) -> None:
+        """Mark blobs as used now (for LRU garbage collection)."""
+        now = time.time()
+        self.queries += 1
+        self.db.executemany("UPDATE blobs SET used=? WHERE digest=?", ((now, d) for d in digests))
+
+    def forget_blob(self, digest: str) -> None:
+        """Drop a blob's row (it was missing or damaged)."""
+        self.queries += 1
+        self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def blobs_by_age(self) -> list[tuple[str, int, float]]:
+        """(digest, size, last used), least recently used first."""
+        self.queries += 1
+        return list(self.db.execute("SELECT digest, size, used FROM blobs ORDER BY used"))
+
+    def forget_tasks(self, names: Iterable[str]) -> None:
+        """Drop the traces of some tasks (after `clean`)."""
+        self.queries += 1
+        self.db.executemany("DELETE FROM tasks WHERE name=?", ((n,) for n in names))
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    import sqlite_utils
+
+    sdb = sqlite_utils.Database(db)
+    tables: dict[str, tuple[dict[str, Any], str]] = {
+        "meta": ({"key": str, "value": str}, "key"),
+        "files": ({"path": str, "size": int, "mtime_ns": int, "ino": int, "digest": str}, "path"),
+        "tasks": (
+            {
+                "name": str, "key": str, "recipe": str, "inputs": str, "outputs": str,
+                "status": str, "finished": float, "duration": float,
+            },
+            "name",
+        ),  # fmt: skip
+        "actions": ({"key": str, "outputs": str, "created": float}, "key"),
+        "blobs": ({"digest": str, "size": int, "used": float}, "digest"),
+    }
+    for name, (columns, pk) in tables.items():
+        sdb[name].create(columns, pk=pk, if_not_exists=True)  # type: ignore[union-attr]
+    sdb["meta"].insert({"key": "schema_version", "value": SCHEMA_VERSION}, replace=True)  # type: ignore[union-attr]
