@@ -110,6 +110,5 @@ class BatchBackend(Backend):
         **backend_kwargs: Any,
     ) -> Any:
         raise PipelineException(
-            "BatchBackend (Google Cloud Batch) is not implemented in this version of pipebuild; "
-            "use LocalBackend"
+            "BatchBackend (Google Cloud Batch) is not implemented in this version of pipebuild; use LocalBackend"
         )

@@ -11,24 +11,26 @@ Workspace layout, `.pipebuild/` beside the Pipefile (or in `LocalBackend(cache_d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc as pygc
 import fcntl
 import json
 import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
 from .cas import ContentStore
 from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
 from .executors import Executor, Job, JobResult
-from .graph import STATE_DIR, Graph, Node, plan, resolve
+from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
 from .pipeline import Pipeline
-from .rebuild import Action, Decision, Rebuilder, Reason, StatCache
+from .rebuild import Action, Decision, Reason, Rebuilder, StatCache
 from .report import Reporter
 from .resource import safe_name
 from .schedule import Scheduler
@@ -280,11 +282,15 @@ class _Build:
             self._copy_inputs()
             forced = {self.nodes[i].name for i in select(self.graph, opts.force)} if opts.force else set()
             if opts.force_all:
-                forced = {n.name for n, s in zip(self.nodes, self.selected) if s}
+                forced = {n.name for n, s in zip(self.nodes, self.selected, strict=True) if s}
             self.rebuilder = Rebuilder(self.store, self.cas, self.stats, traces, forced)
             self.reporter.start(sum(self.selected))
             sched = Scheduler(
-                [n.deps for n in self.nodes], self.selected, opts.jobs, opts.keep_going, [n.always_run for n in self.nodes]
+                [n.deps for n in self.nodes],
+                self.selected,
+                opts.jobs,
+                opts.keep_going,
+                [n.always_run for n in self.nodes],
             )
             try:
                 sched.run(self._decide, self._complete, on_interrupt=self.executor.cancel_all)
@@ -292,10 +298,15 @@ class _Build:
                 dirty = self.stats.take_dirty()
                 if dirty:
                     self.store.record(files=dirty)
+            failed = {f.name for f in self.result.failed}
             for i in sched.not_run:
-                self.result.not_run.append(self.nodes[i].name)
-                self.result.reasons[self.nodes[i].name] = Reason.UPSTREAM_FAILED
-                self.reporter.task(self.nodes[i].name, "not run", Reason.UPSTREAM_FAILED)
+                name = self.nodes[i].name
+                if name in failed:
+                    continue
+                why = Reason.UPSTREAM_FAILED if sched.blocked[i] else Reason.STOPPED
+                self.result.not_run.append(name)
+                self.result.reasons[name] = why
+                self.reporter.task(name, "not run", why)
         finally:
             self.result.hashed = self.stats.hashed if hasattr(self, "stats") else 0
             self.result.queries = self.store.queries
@@ -307,7 +318,7 @@ class _Build:
 
     def _digest_sources(self) -> dict[str, str]:
         src: dict[str, str] = {}
-        for node, sel in zip(self.nodes, self.selected):
+        for node, sel in zip(self.nodes, self.selected, strict=True):
             if not sel:
                 continue
             for inp in node.inputs:
@@ -380,9 +391,7 @@ class _Build:
             key, rdigest, json.dumps({r: [disp, d] for r, disp, d in inputs}), json.dumps(outputs, sort_keys=True),
             "ok", time.time(), seconds,
         )  # fmt: skip
-        self.store.record(
-            node.name, rec, (key, outputs) if action else None, blobs, files + self.stats.take_dirty()
-        )
+        self.store.record(node.name, rec, (key, outputs) if action else None, blobs, files + self.stats.take_dirty())
 
     def _complete(self, i: int, outcome: _Outcome) -> bool:
         node = self.nodes[i]
@@ -390,7 +399,9 @@ class _Build:
         if outcome.ok:
             self.outputs[i] = outcome.outputs
             ran = dec.action is Action.RUN
-            self._record_ok(node, key, rdigest, inputs, outcome.outputs, outcome.seconds, outcome.blobs, outcome.files, ran)
+            self._record_ok(
+                node, key, rdigest, inputs, outcome.outputs, outcome.seconds, outcome.blobs, outcome.files, ran
+            )
             (self.result.ran if ran else self.result.restored).append(node.name)
             self.reporter.task(node.name, "ran" if ran else "restored", dec.reason, outcome.seconds)
             if self.options.verbose and ran:
@@ -398,11 +409,17 @@ class _Build:
             return True
         failure = outcome.failure or TaskFailure(node.name, "failed")
         rec = TaskRecord(
-            key, rdigest, json.dumps({r: [disp, d] for r, disp, d in inputs}), "{}", "failed", time.time(), outcome.seconds
+            key,
+            rdigest,
+            json.dumps({r: [disp, d] for r, disp, d in inputs}),
+            "{}",
+            "failed",
+            time.time(),
+            outcome.seconds,
         )
         self.store.record(node.name, rec, files=self.stats.take_dirty())
         self.result.failed.append(failure)
-        self.reporter.task(node.name, "failed", failure.detail)
+        self.reporter.task(node.name, "failed", f"{failure.detail} (ran because: {dec.reason})")
         self.reporter.failure(failure.name, failure.detail, failure.log, failure.tail)
         return False
 
@@ -452,12 +469,12 @@ class _Build:
                 detail = res.error
             else:
                 detail = f"exit code {res.exit_code}"
-            out.failure = TaskFailure(node.name, detail, os.path.relpath(job.stderr), _tail(job.stderr))
+            out.failure = TaskFailure(node.name, detail, show_path(job.stderr), _tail(job.stderr))
             return out
         try:
             self._collect(node, workdir, out)
         except OSError as e:
-            out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", os.path.relpath(job.stderr))
+            out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
             return out
         if out.failure is None:
             out.ok = True
@@ -498,9 +515,7 @@ class _Build:
                     if os.path.isfile(dest) and hash_file(dest) == digest:
                         self.cas.put_copy(dest, digest)
                         return self.cas.path(digest)
-        raise _InputLost(
-            f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again"
-        )
+        raise _InputLost(f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again")
 
     def _collect(self, node: Node, workdir: str, out: _Outcome) -> None:
         missing = []
@@ -519,17 +534,17 @@ class _Build:
             out.failure = TaskFailure(
                 node.name,
                 f"{Reason.OUTPUT_MISSING}: {', '.join(missing)} (the command did not write it)",
-                os.path.relpath(self._log(node, "err")),
+                show_path(self._log(node, "err")),
                 _tail(self._log(node, "err")),
             )
             return
         for o in node.outputs:
-            d = out.outputs.get(o.relpath)
-            if d is None:
+            digest = out.outputs.get(o.relpath)
+            if digest is None:
                 continue
             for dest in o.dests:
-                path, size, mtime, ino = publish(self.cas.path(d), dest)
-                out.files.append((path, size, mtime, ino, d))
+                path, size, mtime, ino = publish(self.cas.path(digest), dest)
+                out.files.append((path, size, mtime, ino, digest))
 
 
 def task_script(node: Node, trace: bool = False) -> str:
@@ -554,6 +569,20 @@ def _reporter(options: Options) -> Reporter:
     return options.reporter or Reporter(options.verbosity, options.explain)
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a build allocates ~10 objects per task and no
+    cycles worth collecting, and collection passes cost ~40% of a 10,000-task no-op."""
+    was = pygc.isenabled()
+    pygc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            pygc.enable()
+
+
+@paused_gc()
 def build(pipeline: Pipeline, options: Options) -> BuildResult:
     """Build the selected targets of `pipeline` incrementally."""
     reporter = _reporter(options)
@@ -586,7 +615,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
         cas = ContentStore(ws.cas)
         forced = {graph.nodes[i].name for i in select(graph, options.force)} if options.force else set()
         if options.force_all:
-            forced = {n.name for n, s in zip(graph.nodes, selected) if s}
+            forced = {n.name for n, s in zip(graph.nodes, selected, strict=True) if s}
         rebuilder = Rebuilder(store, cas, stats, traces, forced)
         outputs: list[dict[str, str] | None] = [None] * len(graph.nodes)
         stale_by: list[str | None] = [None] * len(graph.nodes)
@@ -754,4 +783,3 @@ def gc(options: Options, max_size: int) -> tuple[int, int]:
         return (removed, freed)
     finally:
         ws.unlock()
-

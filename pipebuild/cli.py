@@ -6,15 +6,25 @@ traceback), 130 interrupted (running tasks are stopped first).
 
 from __future__ import annotations
 
+import functools
+import gc as pygc
 import os
 import signal
 import sys
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from .exceptions import BuildFailed, DefinitionError, PipelineException, UsageError
+
+if TYPE_CHECKING:
+    from .build import Options
+    from .pipeline import Pipeline
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Exit(IntEnum):
@@ -34,9 +44,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-FileOpt = Annotated[Optional[str], typer.Option("-f", "--file", help="The Pipefile (default: Pipefile.py).")]
-DirOpt = Annotated[Optional[str], typer.Option("-C", "--directory", help="Change to DIR before anything else.")]
-TargetsArg = Annotated[Optional[list[str]], typer.Argument(help="Destinations or task names (default: all).")]
+FileOpt = Annotated[str | None, typer.Option("-f", "--file", help="The Pipefile (default: Pipefile.py).")]
+DirOpt = Annotated[str | None, typer.Option("-C", "--directory", help="Change to DIR before anything else.")]
+TargetsArg = Annotated[list[str] | None, typer.Argument(help="Destinations or task names (default: all).")]
 
 
 def _fail(message: str, code: Exit = Exit.USAGE) -> NoReturn:
@@ -44,7 +54,7 @@ def _fail(message: str, code: Exit = Exit.USAGE) -> NoReturn:
     raise typer.Exit(int(code))
 
 
-def _load(file: str | None, directory: str | None):  # type: ignore[no-untyped-def]
+def _load(file: str | None, directory: str | None) -> Pipeline:
     from . import load
 
     path = load.find(file, directory)
@@ -52,12 +62,11 @@ def _load(file: str | None, directory: str | None):  # type: ignore[no-untyped-d
     return load.load(path)
 
 
-def _guard(fn):  # type: ignore[no-untyped-def]
+def _guard(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn pipebuild errors into one line and an exit status."""
-    import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except DefinitionError as e:
@@ -75,7 +84,7 @@ def _guard(fn):  # type: ignore[no-untyped-def]
     return wrapper
 
 
-def _options(**kwargs):  # type: ignore[no-untyped-def]
+def _options(**kwargs: Any) -> Options:
     from .build import Options
 
     return Options(workspace=os.getcwd(), **kwargs)
@@ -85,9 +94,11 @@ def _options(**kwargs):  # type: ignore[no-untyped-def]
 @_guard
 def make(
     targets: TargetsArg = None,
-    jobs: Annotated[Optional[int], typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")] = None,
+    jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")] = None,
     dry_run: Annotated[bool, typer.Option("-n", "--dry-run", help="Show what would run, and the script.")] = False,
-    keep_going: Annotated[bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")] = False,
+    keep_going: Annotated[
+        bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")
+    ] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Say why each task ran or was skipped.")] = False,
     force: Annotated[
         bool, typer.Option("-B", "--force", help="Rerun the targets' tasks (all tasks when no target) regardless.")
@@ -204,6 +215,7 @@ def gc(
 
 def main() -> None:
     """Console entry point."""
+    pygc.disable()  # a short-lived process: see build.paused_gc
     try:
         app()
     except KeyboardInterrupt:

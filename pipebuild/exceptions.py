@@ -15,6 +15,7 @@ is printed as a report per failed task (name, exit code, log path, last lines of
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -38,7 +39,10 @@ class DefinitionError(PipelineException):
         first = self.msg.splitlines()[0] if self.msg else type(self).__name__
         if self.where is None:
             return first
-        return f"{self.where[0]}:{self.where[1]}: {first}"
+        path = os.path.relpath(self.where[0])
+        if path.startswith(".."):
+            path = self.where[0]
+        return f"{path}:{self.where[1]}: {first}"
 
 
 class CycleError(DefinitionError):

@@ -10,8 +10,10 @@ and nothing from the process: the commands with resource uids replaced by relati
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 
 from .exceptions import CycleError, DefinitionError
 from .pipeline import Pipeline
@@ -111,6 +113,16 @@ def resolve(path: str, workspace: str) -> str:
     return os.path.normpath(os.path.join(workspace, os.path.expanduser(path)))
 
 
+def _substitute(mapping: dict[str, str], m: re.Match[str]) -> str:
+    return mapping[m.group()]
+
+
+def show_path(path: str) -> str:
+    """A path as short as it can be said: relative to the current directory when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def _own_layout(task: Task) -> dict[str, str]:
     """uid -> path under out/ for every resource the task owns."""
     paths: dict[str, str] = {}
@@ -141,12 +153,12 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
     own: list[dict[str, str]] = [_own_layout(t) for t in tasks]
     nodes = [Node(i, t) for i, t in enumerate(tasks)]
 
-    for node, t in zip(nodes, tasks):
-        for d in t._dependencies:
-            j = index.get(d)
+    for node, t in zip(nodes, tasks, strict=True):
+        for dep in t._dependencies:
+            j = index.get(dep)
             if j is None:
                 raise DefinitionError(
-                    f"task '{t.name or t._uid}' depends on task '{d.name or d._uid}' from another pipeline",
+                    f"task '{t.name or t._uid}' depends on task '{dep.name or dep._uid}' from another pipeline",
                     t._where,
                 )
             node.deps.append(j)
@@ -180,7 +192,7 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
                 k += 1
                 prefix = f"in/{k}/"
             taken.setdefault(prefix, set()).update(names)
-            for f, name in zip(files, names):
+            for f, name in zip(files, names, strict=False):
                 relpath = prefix + name
                 mapping[f._uid] = relpath
                 if f._source is None:
@@ -196,20 +208,19 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
                     node.inputs.append(Input(relpath, None, j, prel, f"{pname}:{prel}"))
             if group is not None:
                 mapping[group._uid] = prefix + names[-1]
-        sub = mapping.__getitem__
-        node.commands = [UID_RE.sub(lambda m: sub(m.group()), c) for c in t._command]
+        node.commands = [UID_RE.sub(partial(_substitute, mapping), c) for c in t._command]
         # Outputs: every own file the task mentions or declares.
-        for r in t._resources.values():
-            rfiles = list(r._resources.values()) if isinstance(r, ResourceGroup) else [r]
-            for f in rfiles:
-                if f not in t._valid or not isinstance(f, ResourceFile):
+        for owned in t._resources.values():
+            rfiles = list(owned._resources.values()) if isinstance(owned, ResourceGroup) else [owned]
+            for rf in rfiles:
+                if rf not in t._valid or not isinstance(rf, ResourceFile):
                     continue
-                dests = [resolve(p, workspace) for p in f._output_paths]
-                for d in dests:
-                    if d == state_dir or d.startswith(state_dir + os.sep):
-                        raise DefinitionError(f"output destination inside {STATE_DIR}/: {d}", t._where)
-                required = bool(dests) or f in t._internal_outputs
-                node.outputs.append(Output(own[node.index][f._uid], dests, required))
+                dests = [resolve(path, workspace) for path in rf._output_paths]
+                for dest in dests:
+                    if dest == state_dir or dest.startswith(state_dir + os.sep):
+                        raise DefinitionError(f"output destination inside {STATE_DIR}/: {dest}", t._where)
+                required = bool(dests) or rf in t._internal_outputs
+                node.outputs.append(Output(own[node.index][rf._uid], dests, required))
         for f in t._external_outputs:
             if f not in t._valid:
                 raise DefinitionError(f"undefined resource '{getattr(f, '_name', f._uid)}'", t._where)
@@ -225,13 +236,13 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
             if inp.producer >= 0:
                 inp.producer = remap[inp.producer]
     for n in nodes:
-        for d in n.deps:
-            nodes[d].consumers.append(n.index)
+        for dep_index in n.deps:
+            nodes[dep_index].consumers.append(n.index)
 
     input_copies: list[tuple[InputResourceFile, list[str]]] = []
-    for r in pipeline._input_resources:
-        if r._output_paths:
-            input_copies.append((r, [resolve(p, workspace) for p in r._output_paths]))
+    for inres in pipeline._input_resources:
+        if inres._output_paths:
+            input_copies.append((inres, [resolve(path, workspace) for path in inres._output_paths]))
     graph = Graph(nodes, workspace, input_copies)
     _check_destinations(graph)
     return graph
@@ -263,15 +274,17 @@ def _name_nodes(nodes: list[Node]) -> None:
         if n.task.name:
             counts[n.task.name] = counts.get(n.task.name, 0) + 1
     used: set[str] = set()
+    next_suffix: dict[str, int] = {}
     for n in nodes:
         base = n.task.name
         if not base or counts[base] > 1:
             h = digest_str("\n".join(n.commands) + "\0" + (n.image or ""))[:8]
             base = f"{base}@{h}" if base else f"task-{h}"
-        name, k = base, 1
+        name, k = base, next_suffix.get(base, 1)
         while name in used:
             k += 1
             name = f"{base}~{k}"
+        next_suffix[base] = k
         used.add(name)
         n.name = name
 
@@ -310,4 +323,3 @@ def _cycle(nodes: list[Node], pending: list[int]) -> CycleError:
     # Dependencies point upstream; print the cycle in the direction work flows.
     names = " -> ".join(nodes[j].name for j in reversed(cycle))
     return CycleError(f"cycle detected in dependency graph: {names}", nodes[start].where)
-

@@ -19,9 +19,9 @@ from .task import Task, _undefined
 _pipeline_counter = itertools.count()
 
 
-def _caller() -> tuple[str, int] | None:
-    """(file, line) of the user code that called into the API."""
-    f = sys._getframe(2)
+def _caller(depth: int = 2) -> tuple[str, int] | None:
+    """(file, line) of the user code that called into the API (`depth` frames up)."""
+    f = sys._getframe(depth)
     return (f.f_code.co_filename, f.f_lineno)
 
 
@@ -75,7 +75,7 @@ class Pipeline:
 
     def _new_input(self, path: str, value: str) -> InputResourceFile:
         r = InputResourceFile(value, str(path))
-        r._where = _caller()
+        r._where = _caller(3)
         self._resource_map[r._uid] = r
         self._input_resources.append(r)
         return r

@@ -14,7 +14,7 @@ import time
 from enum import Enum
 
 from .cas import ContentStore
-from .graph import Node
+from .graph import Node, show_path
 from .hashing import hash_file
 from .store import FileRow, Store, TaskRecord
 
@@ -39,7 +39,8 @@ class Reason:
     FAILED_LAST_TIME = "failed last time"
     FORCED = "forced"
     ALWAYS_RUN = "always_run"
-    UPSTREAM_FAILED = "not run: a dependency failed"
+    UPSTREAM_FAILED = "a dependency failed"
+    STOPPED = "the build stopped after a failure"
 
 
 class Decision:
@@ -156,7 +157,7 @@ class Rebuilder:
                     restore.append((d, dest))
                     if not reason:
                         what = Reason.OUTPUT_CHANGED if os.path.exists(dest) else Reason.OUTPUT_MISSING
-                        reason = f"{what}: {os.path.relpath(dest)}"
+                        reason = f"{what}: {show_path(dest)}"
             if o.required and not o.dests and not self.cas.has(d):
                 return None
         for d, _ in restore:
@@ -173,7 +174,7 @@ class Rebuilder:
                 return f"{Reason.OUTPUT_MISSING}: {o.relpath}"
         for o in node.outputs:
             if o.dests:
-                return f"{Reason.OUTPUT_MISSING}: {os.path.relpath(o.dests[0])}"
+                return f"{Reason.OUTPUT_MISSING}: {show_path(o.dests[0])}"
         return f"{Reason.OUTPUT_MISSING}: {node.outputs[0].relpath if node.outputs else '?'}"
 
     @staticmethod

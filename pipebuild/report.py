@@ -43,7 +43,9 @@ class Reporter:
         if self.verbosity < 0 and action != "failed":
             return
         line = f"[{self.done}/{self.total}] {action} {name}"
-        if self.explain or action in ("skipped", "not run"):
+        if action == "failed" and not self.explain:
+            reason = reason.split(" (ran because:")[0]
+        if self.explain or action in ("skipped", "not run", "failed"):
             line += f": {reason}"
         if seconds is not None and action == "ran":
             line += f" ({seconds:.2f}s)"

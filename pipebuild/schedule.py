@@ -43,7 +43,8 @@ class Scheduler:
                 self.consumers[d].append(i)
                 self.pending[i] += 1
         self.blocked = [False] * self.n  # a dependency failed
-        self.not_run: list[int] = []  # skipped because a dependency failed
+        self.done = [False] * self.n
+        self.not_run: list[int] = []  # selected nodes that never ran, in order
         self.failed = False
         self.interrupted = False
 
@@ -63,7 +64,6 @@ class Scheduler:
                 while ready:
                     i = ready.popleft()
                     if self.blocked[i] and not self.always_run[i]:
-                        self.not_run.append(i)
                         self._finish(i, False, ready)
                         continue
                     work = decide(i)
@@ -76,8 +76,6 @@ class Scheduler:
                     i, work = runq.popleft()
                     running[pool.submit(work)] = i
                 if not running:
-                    if stopping:
-                        self.not_run.extend(i for i, _ in runq)
                     break
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
@@ -97,8 +95,10 @@ class Scheduler:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        self.not_run = [i for i in range(self.n) if self.selected[i] and not self.done[i]]
 
     def _finish(self, i: int, ok: bool, ready: deque[int]) -> None:
+        self.done[i] = ok
         for c in self.consumers[i]:
             if not ok:
                 self.blocked[c] = True

@@ -111,7 +111,10 @@ class Store:
     def load_files(self) -> dict[str, FileRow]:
         """The whole stat cache."""
         self.queries += 1
-        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self.db.execute("SELECT path, size, mtime_ns, ino, digest FROM files")}
+        return {
+            r[0]: (r[1], r[2], r[3], r[4])
+            for r in self.db.execute("SELECT path, size, mtime_ns, ino, digest FROM files")
+        }
 
     def load_tasks(self) -> dict[str, TaskRecord]:
         """The last build of every task."""
@@ -198,8 +201,14 @@ def _create_schema(db: sqlite3.Connection) -> None:
         "files": ({"path": str, "size": int, "mtime_ns": int, "ino": int, "digest": str}, "path"),
         "tasks": (
             {
-                "name": str, "key": str, "recipe": str, "inputs": str, "outputs": str,
-                "status": str, "finished": float, "duration": float,
+                "name": str,
+                "key": str,
+                "recipe": str,
+                "inputs": str,
+                "outputs": str,
+                "status": str,
+                "finished": float,
+                "duration": float,
             },
             "name",
         ),  # fmt: skip

@@ -50,9 +50,7 @@ def _format_template(group: str, ident: str, template: str) -> str:
 class Task:
     """A command to run, with its resources and settings. Create with `Pipeline.new_task`."""
 
-    def __init__(
-        self, pipeline: Pipeline, name: str | None = None, attributes: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, name: str | None = None, attributes: dict[str, str] | None = None) -> None:
         self._pipeline = pipeline
         self.name = name
         self.attributes = attributes if attributes is not None else {}
@@ -95,23 +93,22 @@ class Task:
         return self._get_resource(item)
 
     def _add_reference(self, r: Resource) -> None:
-        source = r._source if isinstance(r, (ResourceFile, ResourceGroup)) else None
+        if isinstance(r, ResourceGroup):
+            source = r._source
+            files = list(r._resources.values())
+        else:
+            assert isinstance(r, ResourceFile)
+            source = r._source
+            group = r._resource_group
+            files = list(group._resources.values()) if group is not None else [r]
         if source is self:
             self._valid.add(r)
-            if isinstance(r, ResourceGroup):
-                self._valid.update(r._resources.values())
-            elif r._resource_group is not None:
-                self._valid.update(r._resource_group._resources.values())
+            if isinstance(r, ResourceGroup) or len(files) > 1:
+                self._valid.update(files)
         else:
-            if isinstance(r, ResourceGroup):
-                files = list(r._resources.values())
-            elif r._resource_group is not None:
-                files = list(r._resource_group._resources.values())
-            else:
-                files = [r]  # type: ignore[list-item]
             if source is not None:
                 if r not in source._valid:
-                    name = source._resources_inverse.get(r) or getattr(r, "_name", r._uid)
+                    name = source._resources_inverse.get(r) or str(getattr(r, "_name", r._uid))
                     raise _undefined(name)
                 self._dependencies[source] = None
                 for f in files:
@@ -131,9 +128,7 @@ class Task:
             if uid.startswith("__TASK__"):
                 raise PipelineException(f"found a reference to a Task object in command '{command}'.")
             if uid.startswith("__PIPELINE__"):
-                raise PipelineException(
-                    f"found a reference to a Pipeline object in command '{command}'."
-                )
+                raise PipelineException(f"found a reference to a Pipeline object in command '{command}'.")
             r = rmap.get(uid)
             if r is None:
                 raise PipelineException(

@@ -1,0 +1,285 @@
+"""The incremental engine: scenarios from the peer benchmark, keys, failures, laziness."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from pipebuild import LocalBackend, Pipeline, PipelineException
+from pipebuild.build import Options, build
+from pipebuild.executors import FakeExecutor, Job
+from pipebuild.graph import show_path
+
+
+def write(path, text):
+    """Write a file, dated a minute ago as a file edited before the build would be."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    past = os.stat(path).st_mtime_ns - 60 * 10**9
+    os.utime(path, ns=(past, past))
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def layers(root, extra_task=False, dep_edge=False):
+    """Sources a, b; x = strip(a), y = strip(b); z = cksum-ish(x, y); z2 = z + a."""
+    p = Pipeline(name="layers")
+    a = p.read_input(os.path.join(root, "src/a.txt"))
+    b = p.read_input(os.path.join(root, "src/b.txt"))
+    x = p.new_task("x")
+    x.command(f"grep -v '^#' {a} > {x.ofile}")
+    y = p.new_task("y")
+    y.command(f"grep -v '^#' {b} > {y.ofile}")
+    z = p.new_task("z")
+    z.command(f"cat {x.ofile} {y.ofile} | wc -c > {z.ofile}")
+    z2 = p.new_task("z2")
+    z2.command(f"cat {z.ofile} {a} > {z2.ofile}")
+    if extra_task:
+        u = p.new_task("unrelated")
+        u.command(f"echo hi > {u.ofile}")
+        p.write_output(u.ofile, os.path.join(root, "out/u"))
+    if dep_edge:
+        z.depends_on(y)
+    for t, name in ((x, "x"), (y, "y"), (z, "z"), (z2, "z2")):
+        p.write_output(t.ofile, os.path.join(root, "out", name))
+    return p
+
+
+@pytest.fixture
+def ws(tmp_path):
+    write(str(tmp_path / "src/a.txt"), "alpha\n")
+    write(str(tmp_path / "src/b.txt"), "beta\n")
+    return tmp_path
+
+
+def do(root, **kw):
+    return build(layers(str(root), **kw), Options(workspace=str(root), verbosity=-1))
+
+
+def test_clean_build_runs_all_then_noop_runs_nothing_and_hashes_nothing(ws):
+    """Given a built workspace, we should run 0 tasks, hash 0 files and issue few queries."""
+    first = do(ws)
+    assert sorted(first.ran) == ["x", "y", "z", "z2"]
+    assert read(ws / "out/z") == "11\n"
+    second = do(ws)
+    assert second.ran == [] and sorted(second.up_to_date) == ["x", "y", "z", "z2"]
+    assert second.hashed == 0
+    assert second.queries <= 3
+
+
+def test_file_changed_within_the_clock_tick_is_rehashed(ws):
+    """Given a source written just now (racy stat data), we should re-hash it rather than trust its stat."""
+    with open(ws / "src/a.txt", "w") as f:
+        f.write("alpha\n")
+    do(ws)
+    assert do(ws).hashed == 1
+
+
+def test_touch_reruns_nothing(ws):
+    """Given a source touched with identical bytes, we should run nothing."""
+    do(ws)
+    os.utime(ws / "src/a.txt", ns=(1, 1))
+    assert do(ws).ran == []
+
+
+def test_comment_edit_stops_at_direct_consumer(ws):
+    """Given a comment appended to a source, only its direct consumers rerun (early cutoff)."""
+    do(ws)
+    with open(ws / "src/b.txt", "a") as f:
+        f.write("# a comment\n")
+    r = do(ws)
+    assert r.ran == ["y"]
+    assert r.reasons["y"] == "input changed: " + str(ws / "src/b.txt")
+
+
+def test_content_edit_reruns_exact_cone(ws):
+    """Given a content edit of b, we should rerun its whole downstream cone (y, z, z2) and not x."""
+    do(ws)
+    write(str(ws / "src/b.txt"), "beta beta\n")
+    r = do(ws)
+    assert sorted(r.ran) == ["y", "z", "z2"]
+    assert read(ws / "out/z") == "16\n"
+
+
+def test_revert_restores_without_running(ws):
+    """Given edit, build, revert, build, the second build should run 0 tasks and restore outputs."""
+    do(ws)
+    write(str(ws / "src/a.txt"), "ALPHA!\n")
+    do(ws)
+    write(str(ws / "src/a.txt"), "alpha\n")
+    r = do(ws)
+    assert r.ran == []
+    assert sorted(r.restored) == ["x", "z", "z2"]
+    assert read(ws / "out/z2") == "11\nalpha\n"
+
+
+def test_destination_deleted_or_edited_is_restored(ws):
+    """Given destinations deleted and edited by hand, we should restore them without running."""
+    do(ws)
+    os.unlink(ws / "out/x")
+    write(str(ws / "out/y"), "vandalised\n")
+    r = do(ws)
+    assert r.ran == [] and sorted(r.restored) == ["x", "y"]
+    assert r.reasons["x"] == "output missing: " + show_path(str(ws / "out/x"))
+    assert r.reasons["y"].startswith("output changed: ")
+    assert read(ws / "out/y") == "beta\n"
+
+
+def test_keys_are_stable_across_checkouts_and_unrelated_tasks(ws, tmp_path_factory):
+    """Given a second checkout elsewhere with one more task, every shared task keeps its key."""
+    do(ws)
+    other = tmp_path_factory.mktemp("elsewhere") / "renamed project"
+    write(str(other / "src/a.txt"), "alpha\n")
+    write(str(other / "src/b.txt"), "beta\n")
+    do(other, extra_task=True, dep_edge=True)
+
+    def keys(root):
+        db = sqlite3.connect(root / ".pipebuild/cache.sqlite")
+        try:
+            return dict(db.execute("SELECT name, key FROM tasks"))
+        finally:
+            db.close()
+
+    a, b = keys(ws), keys(other)
+    assert set(b) == set(a) | {"unrelated"}
+    assert all(a[n] == b[n] for n in a)
+
+
+def test_depends_on_never_enters_a_key(ws):
+    """Given an added depends_on edge, we should run nothing."""
+    do(ws)
+    assert do(ws, dep_edge=True).ran == []
+
+
+def test_failed_task_is_not_cached_and_keeps_previous_output(tmp_path):
+    """Given a task that fails after a success, the old destination survives and the next build reruns it."""
+    write(str(tmp_path / "in.txt"), "one\n")
+
+    def pipeline(fail):
+        p = Pipeline()
+        i = p.read_input(str(tmp_path / "in.txt"))
+        t = p.new_task("t")
+        t.command(f"cat {i} > {t.ofile}; {'false' if fail else 'true'}")
+        p.write_output(t.ofile, str(tmp_path / "out.txt"))
+        return p
+
+    opts = Options(workspace=str(tmp_path), verbosity=-1)
+    assert build(pipeline(False), opts).ran == ["t"]
+    write(str(tmp_path / "in.txt"), "two\n")
+    r = build(pipeline(True), opts)
+    assert [f.name for f in r.failed] == ["t"] and r.failed[0].detail == "exit code 1"
+    assert read(tmp_path / "out.txt") == "one\n"
+    with pytest.raises(PipelineException, match="t"):
+        r.raise_for_failure()
+    r = build(pipeline(True), opts)
+    assert r.reasons["t"] == "failed last time"
+    r = build(pipeline(False), opts)
+    assert r.ran == ["t"] and read(tmp_path / "out.txt") == "two\n"
+
+
+def test_scheduler_runs_exact_jobs_in_order_with_fake_executor(ws):
+    """Given -j1 and a fake executor, we should see exactly the stale jobs, in dependency order."""
+
+    def handler(job: Job) -> int:
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        return 0
+
+    fake = FakeExecutor(handler)
+    build(layers(str(ws)), Options(workspace=str(ws), executor=fake, verbosity=-1))
+    assert [j.name for j in fake.jobs] == ["x", "y", "z", "z2"]
+    assert fake.jobs[2].script.endswith("cat in/ofile in/1/ofile | wc -c > out/ofile\n")
+    assert fake.jobs[0].script.startswith("set -euo pipefail\n")
+
+
+def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
+    """Given x fails, with keep_going y still runs and z, z2 are reported as not run."""
+    write(str(tmp_path / "src/a.txt"), "alpha\n")
+    write(str(tmp_path / "src/b.txt"), "beta\n")
+
+    def handler(job: Job) -> int:
+        if job.name == "x":
+            return 2
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        return 0
+
+    fake = FakeExecutor(handler)
+    r = build(layers(str(tmp_path)), Options(workspace=str(tmp_path), executor=fake, verbosity=-1, keep_going=True))
+    assert [f.name for f in r.failed] == ["x"] and r.ran == ["y"] and sorted(r.not_run) == ["z", "z2"]
+    fake = FakeExecutor(handler)
+    r = build(layers(str(tmp_path)), Options(workspace=str(tmp_path), executor=fake, verbosity=-1))
+    assert [j.name for j in fake.jobs] == ["x"], "without -k nothing new starts after the failure"
+
+
+def test_pipeline_run_twice_runs_nothing_the_second_time(tmp_path, capsys):
+    """Given a hail-style script run twice, the second p.run() should run nothing."""
+    counter = tmp_path / "counter"
+
+    def script():
+        p = Pipeline(backend=LocalBackend(cache_dir=str(tmp_path)))
+        t = p.new_task("hello")
+        t.command(f"echo x >> {counter}; echo hello > {t.ofile}")
+        p.write_output(t.ofile, str(tmp_path / "hello.txt"))
+        p.run()
+
+    script()
+    script()
+    assert read(counter) == "x\n"
+    assert "Pipeline completed successfully!" in capsys.readouterr().out
+
+
+def test_timeout_and_always_run_work_locally(tmp_path):
+    """Given a timeout on a slow task and an always_run task, we should fail the first and always run the second."""
+    p = Pipeline()
+    slow = p.new_task("slow").timeout(0.5)
+    slow.command(f"sleep 5; echo > {slow.ofile}")
+    always = p.new_task("always").always_run()
+    always.command(f"date +%s%N > {always.ofile}")
+    p.write_output(slow.ofile, str(tmp_path / "slow"))
+    p.write_output(always.ofile, str(tmp_path / "always"))
+    opts = Options(workspace=str(tmp_path), verbosity=-1, keep_going=True)
+    r = build(p, opts)
+    assert r.failed[0].name == "slow" and r.failed[0].detail == "timed out after 0.5 s"
+    assert r.ran == ["always"]
+    assert build(p, opts).ran == ["always"]
+
+
+def test_odd_names_stay_inside_the_task_directory(tmp_path):
+    """Given resource names with /, .., spaces, quotes, $ and newlines, nothing escapes and commands work."""
+    p = Pipeline()
+    t = p.new_task("odd")
+    names = ["../escape", "a b", "q'uo\"te", "$HOME", "new\nline", "/abs"]
+    for n in names:
+        t.command(f"echo {shlex.quote(n)} > {t[n]}")
+    u = p.new_task("use")
+    u.command("cat " + " ".join(str(t[n]) for n in names) + f" > {u.ofile}")
+    p.write_output(u.ofile, str(tmp_path / "all.txt"))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1))
+    assert r.ran == ["odd", "use"], r.failed
+    assert read(tmp_path / "all.txt") == "".join(f"{n}\n" for n in names)
+    assert sorted(os.listdir(tmp_path)) == [".pipebuild", "all.txt"]
+
+
+def test_noop_imports_nothing_heavy(tmp_path):
+    """Given a built Pipefile, a no-op `make` should not import docker, google, watchdog or sqlite_utils."""
+    write(str(tmp_path / "Pipefile.py"), "from pipebuild import Pipeline\np = Pipeline()\nt = p.new_task('t')\n"
+          "t.command(f'echo hi > {t.ofile}')\np.write_output(t.ofile, 'hi.txt')\n")  # fmt: skip
+    code = (
+        "import sys; from pipebuild.cli import app\n"
+        "try:\n    app(['make', '-q'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('docker', 'google', 'watchdog', 'sqlite_utils')]\n"
+        "print(','.join(bad))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == ""
