@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import gc as pygc
 import fcntl
+import gc as pygc
 import json
 import os
 import shlex
