@@ -153,17 +153,21 @@ class Workspace:
         if os.path.exists(cas_tmp):
             shutil.rmtree(cas_tmp, ignore_errors=True)
         if os.path.exists(self.dirty):
-            for n in graph.nodes:
-                for o in n.outputs:
-                    for d in o.dests:
-                        _unlink_quiet(_tmp_name(d))
-            for _, dests in graph.input_copies:
-                for d in dests:
-                    _unlink_quiet(_tmp_name(d))
+            self.remove_temps(graph)
         os.makedirs(self.tmp, exist_ok=True)
         os.makedirs(self.logs, exist_ok=True)
         with open(self.dirty, "w"):
             pass
+
+    def remove_temps(self, graph: Graph) -> None:
+        """Delete the temporary names that publishing may have left beside destinations."""
+        for n in graph.nodes:
+            for o in n.outputs:
+                for d in o.dests:
+                    _unlink_quiet(_tmp_name(d))
+        for _, dests in graph.input_copies:
+            for d in dests:
+                _unlink_quiet(_tmp_name(d))
 
     def finish(self) -> None:
         """Mark the build as ended cleanly."""
@@ -358,7 +362,7 @@ class _Build:
             inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
         text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
         rdigest = digest_str(text)
-        key = action_key(text, [(r, d) for r, _, d in inputs])
+        key = action_key(rdigest, [(r, d) for r, _, d in inputs])
         dec = self.rebuilder.check(node, key, rdigest, inputs)
         self.result.reasons[node.name] = dec.reason
         if dec.action is Action.SKIP:
@@ -593,8 +597,13 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
     ws.lock(options.wait, reporter)
     try:
         ws.recover(graph)
-        result = _Build(graph, selected, options, ws, reporter).run()
-        ws.finish()
+        try:
+            result = _Build(graph, selected, options, ws, reporter).run()
+        except BaseException:
+            ws.remove_temps(graph)  # still alive: clean up now rather than next time
+            raise
+        finally:
+            ws.finish()
         return result
     finally:
         ws.unlock()
@@ -647,8 +656,9 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
                 rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
                 continue
             text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
-            key = action_key(text, [(r, d) for r, _, d in inputs])
-            dec = rebuilder.check(node, key, digest_str(text), inputs)
+            rdigest = digest_str(text)
+            key = action_key(rdigest, [(r, d) for r, _, d in inputs])
+            dec = rebuilder.check(node, key, rdigest, inputs)
             if dec.action is Action.RUN:
                 stale_by[node.index] = node.name
                 rows.append((node.name, "run", dec.reason))
@@ -729,7 +739,7 @@ def clean(pipeline: Pipeline, options: Options, everything: bool = False) -> lis
                         removed.append(dest)
         if everything:
             for entry in os.listdir(ws.dir):
-                if entry != "lock":
+                if entry not in ("lock", ".gitignore"):
                     p = os.path.join(ws.dir, entry)
                     shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
         elif os.path.exists(ws.db):
@@ -769,7 +779,9 @@ def gc(options: Options, max_size: int) -> tuple[int, int]:
     try:
         store = Store(ws.db, warn=reporter.warning)
         cas = ContentStore(ws.cas)
-        rows = store.blobs_by_age()
+        # Blobs that no task's last build produced go first, oldest first; then the rest.
+        current = {d for rec in store.load_tasks().values() for d in rec.output_digests().values()}
+        rows = sorted(store.blobs_by_age(), key=lambda row: row[0] in current)
         total = sum(size for _, size, _ in rows)
         removed = freed = 0
         for digest, size, _ in rows:

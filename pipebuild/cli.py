@@ -177,7 +177,7 @@ def status(targets: TargetsArg = None, file: FileOpt = None, directory: DirOpt =
     for name, what, reason in rows:
         state = "up to date" if what == "skip" else "stale"
         stale += state == "stale"
-        typer.echo(f"{state:10} {name:{width}}  {reason}")
+        typer.echo(f"{state:10} {name:{width}}  {reason}" if reason != state else f"{state:10} {name}")
     typer.echo(f"pipebuild: {stale} of {len(rows)} tasks stale")
 
 

@@ -9,6 +9,7 @@ and nothing from the process: the commands with resource uids replaced by relati
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import deque
@@ -106,6 +107,7 @@ class Graph:
         return mark
 
 
+@functools.lru_cache(maxsize=65536)
 def resolve(path: str, workspace: str) -> str:
     """An absolute, normalised path for a user-written one."""
     if path.startswith("gs://"):

@@ -53,9 +53,10 @@ def recipe(commands: list[str], image: str | None, env: dict[str, str], outputs:
     return "\0".join(parts)
 
 
-def action_key(recipe_text: str, inputs: list[tuple[str, str]]) -> str:
-    """The action key: the recipe plus every (input path, digest) pair."""
-    h = xxhash.xxh3_128(recipe_text.encode("utf-8", "surrogateescape"))
+def action_key(recipe_digest: str, inputs: list[tuple[str, str]]) -> str:
+    """The action key: the recipe's digest plus every (input path, digest) pair."""
+    parts = [recipe_digest]
     for relpath, digest in inputs:
-        h.update(f"\0in\0{relpath}\0{digest}".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+        parts.append(relpath)
+        parts.append(digest)
+    return digest_str("\0in\0".join(parts))

@@ -71,8 +71,10 @@ class Scheduler:
                         self._finish(i, True, ready)
                     else:
                         runq.append((i, work))
-                stopping = self.failed and not self.keep_going
-                while runq and len(running) < self.jobs and not stopping:
+                if self.failed and not self.keep_going:
+                    # Stop starting work, except tasks that must run whatever happens.
+                    runq = deque(item for item in runq if self.always_run[item[0]])
+                while runq and len(running) < self.jobs:
                     i, work = runq.popleft()
                     running[pool.submit(work)] = i
                 if not running:

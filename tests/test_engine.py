@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sqlite3
@@ -283,3 +284,45 @@ def test_noop_imports_nothing_heavy(tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_always_run_task_runs_after_a_failed_dependency_without_keep_going(tmp_path):
+    """Given an always_run task downstream of a failure, we should still run it (as hail did)."""
+    p = Pipeline()
+    bad = p.new_task("bad")
+    bad.command(f"echo partial > {bad.ofile}; exit 4")
+    report = p.new_task("report").always_run()
+    report.command(f"ls in > {report.ofile} 2>&1 || true; : {bad.ofile}")
+    p.write_output(report.ofile, str(tmp_path / "report.txt"))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1))
+    assert [f.name for f in r.failed] == ["bad"] and r.ran == ["report"]
+
+
+def test_gc_removes_blobs_of_old_builds_before_current_ones(ws):
+    """Given a store over its size limit, gc should drop blobs no current trace uses first."""
+    from pipebuild.build import gc
+
+    do(ws)
+    write(str(ws / "src/b.txt"), "a much longer beta, so its blobs are bigger\n")
+    do(ws)
+    opts = Options(workspace=str(ws), verbosity=-1)
+    db = sqlite3.connect(ws / ".pipebuild/cache.sqlite")
+    sizes = dict(db.execute("SELECT digest, size FROM blobs"))
+    current = {d for (outs,) in db.execute("SELECT outputs FROM tasks") for d in json.loads(outs).values()}
+    db.close()
+    old = set(sizes) - current
+    assert old, "the edit should have left blobs of the old build"
+    removed, freed = gc(opts, sum(sizes[d] for d in current))
+    assert removed == len(old) and freed == sum(sizes[d] for d in old)
+    assert do(ws).ran == []
+
+
+def test_a_definition_error_at_build_time_leaves_no_crash_marker(tmp_path):
+    """Given a missing input, the build fails before running and leaves .pipebuild clean."""
+    p = Pipeline()
+    t = p.new_task("t")
+    t.command(f"cat {p.read_input(str(tmp_path / 'missing'))} > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "o"))
+    with pytest.raises(PipelineException, match="missing"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1))
+    assert not (tmp_path / ".pipebuild/building").exists()
