@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -188,13 +189,17 @@ def _unlink_quiet(path: str) -> None:
 
 def publish(src: str, dest: str) -> tuple[str, int, int, int]:
     """Copy `src` to `dest` atomically (temp name, then rename); returns dest's stat data."""
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.isdir(dest):
-        raise OSError(f"destination {dest} is a directory")
     tmp = _tmp_name(dest)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    try:
+        shutil.copyfile(src, tmp)
+    except FileNotFoundError:  # usually the destination's directory: make it, once
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(src, tmp)
+    try:
+        os.replace(tmp, dest)
+    except IsADirectoryError:
+        os.unlink(tmp)
+        raise OSError(f"destination {dest} is a directory") from None
     st = os.stat(dest)
     return (dest, st.st_size, st.st_mtime_ns, st.st_ino)
 
@@ -525,11 +530,15 @@ class _Build:
         missing = []
         for o in node.outputs:
             path = os.path.join(workdir, o.relpath)
-            if not os.path.isfile(path):
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
                 if o.required:
                     missing.append(o.relpath)
                 continue
-            size = os.stat(path).st_size
+            size = st.st_size
             d = hash_file(path)
             self.cas.put(path, d)
             out.outputs[o.relpath] = d
