@@ -137,11 +137,13 @@ def make(
         typer.echo("\n# The script that builds these targets from scratch:")
         typer.echo(build.script(pipeline, opts), nl=False)
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM and SIGHUP (terminal closed) stop running tasks as Ctrl-C does.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = build.build(pipeline, opts)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     result.raise_for_failure()
 
 

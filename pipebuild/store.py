@@ -24,11 +24,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 SCHEMA_VERSION = "1"
 
-FileRow = tuple[int, int, int, str]  # size, mtime_ns, ino, digest
+FileRow = tuple[int, int, int, str]
+T = TypeVar("T")  # size, mtime_ns, ino, digest
 
 
 class TaskRecord:
@@ -108,24 +109,42 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------
 
+    def _guard(self, fn: Callable[[], T]) -> T:
+        """Run `fn`; if the database turns out to be damaged, start a fresh one and rerun it.
+
+        Opening checks only what opening reads; a damaged page elsewhere shows up on first
+        use, and must cost a warning and a rebuild, never a crash.
+        """
+        try:
+            return fn()
+        except sqlite3.DatabaseError as e:
+            if self.path is None or not _damaged(e):
+                raise
+            self._warn(f"pipebuild: warning: cache {self.path} is damaged ({e}); starting a fresh cache")
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+            self._remove_files()
+            self.db = self._open()
+            return fn()
+
     def load_files(self) -> dict[str, FileRow]:
         """The whole stat cache."""
         self.queries += 1
-        return {
-            r[0]: (r[1], r[2], r[3], r[4])
-            for r in self.db.execute("SELECT path, size, mtime_ns, ino, digest FROM files")
-        }
+        sql = "SELECT path, size, mtime_ns, ino, digest FROM files"
+        return self._guard(lambda: {r[0]: (r[1], r[2], r[3], r[4]) for r in self.db.execute(sql)})
 
     def load_tasks(self) -> dict[str, TaskRecord]:
         """The last build of every task."""
         self.queries += 1
-        rows = self.db.execute("SELECT name, key, recipe, inputs, outputs, status, finished, duration FROM tasks")
-        return {r[0]: TaskRecord(*r[1:]) for r in rows}
+        sql = "SELECT name, key, recipe, inputs, outputs, status, finished, duration FROM tasks"
+        return self._guard(lambda: {r[0]: TaskRecord(*r[1:]) for r in self.db.execute(sql)})
 
     def action(self, key: str) -> dict[str, str] | None:
         """The outputs recorded for an action key, or None."""
         self.queries += 1
-        row = self.db.execute("SELECT outputs FROM actions WHERE key=?", (key,)).fetchone()
+        row = self._guard(lambda: self.db.execute("SELECT outputs FROM actions WHERE key=?", (key,)).fetchone())
         if row is None:
             return None
         result: dict[str, str] = json.loads(row[0])
@@ -143,9 +162,21 @@ class Store:
         forget_files: Iterable[str] = (),
     ) -> None:
         """One transaction: a task's trace, its action-cache entry, blobs and stat rows."""
+        self.queries += 1
+        blobs, files, forget_files = list(blobs), list(files), list(forget_files)
+        self._guard(lambda: self._record(name, task, action, blobs, files, forget_files))
+
+    def _record(
+        self,
+        name: str | None,
+        task: TaskRecord | None,
+        action: tuple[str, dict[str, str]] | None,
+        blobs: list[tuple[str, int]],
+        files: list[tuple[str, int, int, int, str]],
+        forget_files: list[str],
+    ) -> None:
         now = time.time()
         db = self.db
-        self.queries += 1
         db.execute("BEGIN")
         try:
             if name is not None and task is not None:
@@ -163,7 +194,11 @@ class Store:
             db.executemany("DELETE FROM files WHERE path=?", ((p,) for p in forget_files))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
 
     def touch_blobs(self, digests: Iterable[str]) -> None:
@@ -190,6 +225,15 @@ class Store:
     def close(self) -> None:
         """Close the connection."""
         self.db.close()
+
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """True for errors that mean the file is damaged (not a locked or read-only database)."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name:
+        return str(name).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    text = str(e)
+    return "malformed" in text or "not a database" in text
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
