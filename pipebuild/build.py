@@ -12,6 +12,7 @@ Workspace layout, `.pipebuild/` beside the Pipefile (or in `LocalBackend(cache_d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fcntl
 import gc as pygc
@@ -28,10 +29,11 @@ from functools import partial
 from .cas import ContentStore
 from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
 from .executors import Executor, Job, JobResult
+from .gcs import is_gs, stat_cache
 from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
 from .pipeline import Pipeline
-from .rebuild import Action, Decision, Reason, Rebuilder, StatCache
+from .rebuild import Action, Decision, Reason, Rebuilder
 from .report import Reporter
 from .resource import safe_name
 from .schedule import Scheduler
@@ -149,6 +151,9 @@ class Workspace:
     def recover(self, graph: Graph) -> None:
         """Remove what an interrupted build left: task directories and temp outputs."""
         if os.path.exists(self.tmp):
+            from .executors.local import stop_orphans
+
+            stop_orphans(self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
         cas_tmp = os.path.join(self.cas, "tmp")
         if os.path.exists(cas_tmp):
@@ -189,6 +194,10 @@ def _unlink_quiet(path: str) -> None:
 
 def publish(src: str, dest: str) -> tuple[str, int, int, int]:
     """Copy `src` to `dest` atomically (temp name, then rename); returns dest's stat data."""
+    if is_gs(dest):
+        from . import gcs
+
+        return gcs.upload(src, dest)
     tmp = _tmp_name(dest)
     try:
         shutil.copyfile(src, tmp)
@@ -268,12 +277,7 @@ class _Build:
         self.options = options
         self.ws = ws
         self.reporter = reporter
-        if options.executor is None:
-            from .executors.local import LocalExecutor
-
-            self.executor: Executor = LocalExecutor()
-        else:
-            self.executor = options.executor
+        self.executor: Executor = options.executor or _default_executor(None)
         self.result = BuildResult()
         n = len(graph.nodes)
         self.outputs: list[dict[str, str] | None] = [None] * n
@@ -284,9 +288,10 @@ class _Build:
         opts, ws = self.options, self.ws
         self.store = Store(ws.db, warn=self.reporter.warning)
         try:
-            self.stats = StatCache(self.store.load_files())
-            traces = self.store.load_tasks()
+            self.images = _prepare(self.executor, self.graph, self.selected, ws.dir)
             self.cas = ContentStore(ws.cas)
+            self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
+            traces = self.store.load_tasks()
             self.src = self._digest_sources()
             self._copy_inputs()
             forced = {self.nodes[i].name for i in select(self.graph, opts.force)} if opts.force else set()
@@ -348,7 +353,7 @@ class _Build:
                 raise MissingInputError(f"input file {r._input_path} does not exist", r._where)
             for dest in dests:
                 if self.stats.digest(dest) != d:
-                    path, size, mtime, ino = publish(source, dest)
+                    path, size, mtime, ino = publish(_local(self.cas, source, d), dest)
                     self.stats.update(path, size, mtime, ino, d)
 
     # -- main thread: decisions and records ----------------------------------------
@@ -365,7 +370,7 @@ class _Build:
                 if d is None:
                     continue  # the producer failed and this task is always_run
             inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
-        text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
+        text = recipe(node.commands, _image(self.images, node), {}, [o.relpath for o in node.outputs])
         rdigest = digest_str(text)
         key = action_key(rdigest, [(r, d) for r, _, d in inputs])
         dec = self.rebuilder.check(node, key, rdigest, inputs)
@@ -457,7 +462,7 @@ class _Build:
         workdir = os.path.join(self.ws.tmp, safe_name(node.name))
         try:
             self._prepare(node, workdir)
-        except _InputLost as e:
+        except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
         job = Job(
@@ -498,7 +503,7 @@ class _Build:
         made = {workdir, os.path.join(workdir, "out")}
         for inp in node.inputs:
             if inp.source is not None:
-                src = inp.source
+                src = _local(self.cas, inp.source, self.src[inp.source])
             else:
                 outs = self.outputs[inp.producer]
                 d = outs.get(inp.producer_relpath) if outs else None
@@ -566,6 +571,37 @@ def task_script(node: Node, trace: bool = False) -> str:
     return head + "\n" + "\n".join(node.commands) + "\n"
 
 
+def _default_executor(pipeline: Pipeline | None) -> Executor:
+    """Bash on the host, and Docker for tasks with an image (settings from a LocalBackend)."""
+    from .executors.docker import default_executor
+
+    return default_executor(pipeline._backend if pipeline is not None else None)
+
+
+def _prepare(executor: Executor, graph: Graph, selected: list[bool], workspace: str | None) -> dict[str, str]:
+    """Let the executor check what the selected tasks need before any runs: {image: image ID}."""
+    prepare = getattr(executor, "prepare", None)
+    nodes = [n for n in graph.nodes if n.image and selected[n.index]]
+    if prepare is None or not nodes:
+        return {}
+    images: dict[str, str] = prepare(nodes, workspace)
+    return images
+
+
+def _image(images: dict[str, str], node: Node) -> str | None:
+    """What the action key says of the task's image: its ID where known, else its name."""
+    return images.get(node.image, node.image) if node.image else None
+
+
+def _local(cas: ContentStore, source: str, digest: str) -> str:
+    """A local path with the source's bytes: the file itself, or a gs:// object's blob."""
+    if is_gs(source):
+        from . import gcs
+
+        return gcs.local_copy(cas, source, digest)
+    return source
+
+
 def _tail(path: str, n: int = STDERR_TAIL) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -603,6 +639,8 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
     graph = plan(pipeline, options.workspace, ws.dir)
     roots = select(graph, options.targets)
     selected = graph.cone(roots)
+    if options.executor is None:
+        options = dataclasses.replace(options, executor=_default_executor(pipeline))
     ws.lock(options.wait, reporter)
     try:
         ws.recover(graph)
@@ -626,11 +664,12 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
     ws = Workspace(options.state_dir)
     graph = plan(pipeline, options.workspace, ws.dir)
     selected = graph.cone(select(graph, options.targets))
+    images = _prepare(options.executor or _default_executor(pipeline), graph, selected, None)
     store = Store(ws.db if os.path.exists(ws.db) else None)
     try:
-        stats = StatCache(store.load_files())
-        traces = store.load_tasks()
         cas = ContentStore(ws.cas)
+        stats = stat_cache(store.load_files(), graph, cas, fetch=False)
+        traces = store.load_tasks()
         forced = {graph.nodes[i].name for i in select(graph, options.force)} if options.force else set()
         if options.force_all:
             forced = {n.name for n, s in zip(graph.nodes, selected, strict=True) if s}
@@ -664,7 +703,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
                 stale_by[node.index] = node.name
                 rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
                 continue
-            text = recipe(node.commands, node.image, {}, [o.relpath for o in node.outputs])
+            text = recipe(node.commands, _image(images, node), {}, [o.relpath for o in node.outputs])
             rdigest = digest_str(text)
             key = action_key(rdigest, [(r, d) for r, _, d in inputs])
             dec = rebuilder.check(node, key, rdigest, inputs)

@@ -522,3 +522,34 @@ def test_sighup_stops_the_running_task_too(tmp_path):
     assert not (root / "out" / "slow.txt").exists()
     t = traces(root, tmp_path / "db")
     assert t is not None and set(t) == {"fast"}, t
+
+
+def test_kill_9_orphans_are_stopped_by_the_next_build(tmp_path):
+    """Given pipebuild killed with -9 while a task runs, the next make should stop that task first."""
+    marker = f"sleep 41.{os.getpid()}{time.time_ns() % 1000}"
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "t = p.new_task('slow')\n"
+        f"t.command(f'{marker}; echo done > {{t.ofile}}')\n"
+        "p.write_output(t.ofile, 'out.txt')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipebuild", "make", "-q"], cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode != 0:
+        assert proc.poll() is None, "pipebuild exited before its task started"
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # pipebuild only: its task lives in a session of its own
+    proc.wait()
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+    (tmp_path / "Pipefile.py").write_text((tmp_path / "Pipefile.py").read_text().replace(marker, "true"))
+    subprocess.run([sys.executable, "-m", "pipebuild", "make", "-q"], cwd=tmp_path, check=True, timeout=60)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the orphaned task is still running"
+        time.sleep(0.05)
+    assert (tmp_path / "out.txt").read_text() == "done\n"

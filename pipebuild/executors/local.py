@@ -46,6 +46,11 @@ class LocalExecutor:
                 except OSError as e:
                     return JobResult(127, error=f"cannot start bash: {e}")
                 self._procs[p.pid] = p
+            # If pipebuild itself is killed (-9), the next build finds this file and stops
+            # the orphaned task before it reuses its directory (build.Workspace.recover).
+            pidfile = job.dir + ".pid"
+            with open(pidfile, "w") as f:
+                f.write(str(p.pid))
             try:
                 try:
                     code = p.wait(timeout=job.timeout)
@@ -57,6 +62,10 @@ class LocalExecutor:
             finally:
                 with self._lock:
                     self._procs.pop(p.pid, None)
+                try:
+                    os.unlink(pidfile)
+                except FileNotFoundError:
+                    pass
         if self._cancelled and code != 0:
             return JobResult(code, error="interrupted")
         return JobResult(code, timed_out=timed_out)
@@ -68,6 +77,34 @@ class LocalExecutor:
             procs = list(self._procs.values())
         for p in procs:
             _killpg(p.pid)
+
+
+def stop_orphans(tmp_dir: str) -> int:
+    """Kill the process groups of tasks left running by a pipebuild that was killed.
+
+    A pid is only trusted when that process still runs with PIPEBUILD_TASK_DIR set to the
+    task's directory, so a recycled pid is never signalled. Returns how many were stopped.
+    """
+    stopped = 0
+    try:
+        names = os.listdir(tmp_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if not name.endswith(".pid"):
+            continue
+        task_dir = os.path.join(tmp_dir, name[:-4])
+        try:
+            with open(os.path.join(tmp_dir, name)) as f:
+                pid = int(f.read().strip() or 0)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"PIPEBUILD_TASK_DIR={task_dir}".encode() in environ:
+            _killpg(pid)
+            stopped += 1
+    return stopped
 
 
 def _killpg(pid: int) -> None:
