@@ -38,6 +38,12 @@ class LocalBackend(Backend):
     `tmp_dir` is accepted for compatibility; task directories live in the workspace's
     `.pipebuild/tmp/` so outputs move into the content store by rename. `jobs` defaults to
     the number of cores; `cache_dir` (default: the current directory) holds `.pipebuild/`.
+
+    A task with an `image` runs in Docker (`executors/docker.py`): `extra_docker_run_flags`
+    (default: `PIPEBUILD_EXTRA_DOCKER_RUN_FLAGS`, else `HAIL_PIPELINE_EXTRA_DOCKER_RUN_FLAGS`)
+    adds `docker run` flags such as `-e K=V`, `-v SRC:DEST` or `--network host`, and
+    `gsa_key_file` (default: `PIPEBUILD_GSA_KEY_FILE`, else `HAIL_PIPELINE_GSA_KEY_FILE`) is
+    mounted read-only at `/gsa-key/key.json`.
     """
 
     def __init__(
@@ -51,10 +57,12 @@ class LocalBackend(Backend):
         keep_going: bool = False,
     ) -> None:
         self._tmp_dir = tmp_dir
-        self._gsa_key_file = gsa_key_file or os.environ.get("HAIL_PIPELINE_GSA_KEY_FILE")
+        self._gsa_key_file = (
+            gsa_key_file or os.environ.get("PIPEBUILD_GSA_KEY_FILE") or os.environ.get("HAIL_PIPELINE_GSA_KEY_FILE")
+        )
         if extra_docker_run_flags is None:
-            extra_docker_run_flags = os.environ.get(
-                "PIPEBUILD_EXTRA_DOCKER_RUN_FLAGS", os.environ.get("HAIL_PIPELINE_EXTRA_DOCKER_RUN_FLAGS", "")
+            extra_docker_run_flags = os.environ.get("PIPEBUILD_EXTRA_DOCKER_RUN_FLAGS") or os.environ.get(
+                "HAIL_PIPELINE_EXTRA_DOCKER_RUN_FLAGS", ""
             )
         self._extra_docker_run_flags = extra_docker_run_flags
         if jobs is not None and jobs < 1:

@@ -200,10 +200,14 @@ def publish(src: str, dest: str) -> tuple[str, int, int, int]:
         return gcs.upload(src, dest)
     tmp = _tmp_name(dest)
     try:
-        shutil.copyfile(src, tmp)
-    except FileNotFoundError:  # usually the destination's directory: make it, once
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except FileNotFoundError:  # usually the destination's directory: make it, once
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(src, tmp)
+    except BaseException:
+        _unlink_quiet(tmp)  # e.g. a full disk: the old destination stays as it was
+        raise
     try:
         os.replace(tmp, dest)
     except IsADirectoryError:
@@ -456,6 +460,7 @@ class _Build:
         return out
 
     def _execute(self, node: Node) -> _Outcome:
+        self.reporter.started(node.name)  # worker thread: the live display lists running tasks
         t0 = time.perf_counter()
         out = _Outcome()
         opts = self.options
@@ -735,8 +740,11 @@ def script(pipeline: Pipeline, options: Options, only: list[str] | None = None) 
     ]
 
     def publish_lines(src: str, dest: str) -> list[str]:
+        if is_gs(dest):
+            return [f"gcloud storage cp {src} {q(dest)}"]
         tmp = _tmp_name(dest)
-        return [f"mkdir -p {q(os.path.dirname(dest))}", f"cp {src} {q(tmp)} && mv {q(tmp)} {q(dest)}"]
+        cp = "gcloud storage cp" if is_gs(src) else "cp"
+        return [f"mkdir -p {q(os.path.dirname(dest))}", f"{cp} {src} {q(tmp)} && mv {q(tmp)} {q(dest)}"]
 
     for r, dests in graph.input_copies:
         for dest in dests:
@@ -754,9 +762,14 @@ def script(pipeline: Pipeline, options: Options, only: list[str] | None = None) 
                 src = q(inp.source)
             else:
                 src = f'"$S"/{q(safe_name(graph.nodes[inp.producer].name))}/{inp.producer_relpath}'
-            lines.append(f"cp {src} {d}/{inp.relpath}")
+            cp = "gcloud storage cp" if is_gs(src) else "cp"
+            lines.append(f"{cp} {src} {d}/{inp.relpath}")
         body = task_script(node)
-        lines.append(f'(cd {d} && PIPEBUILD_TASK_DIR="$PWD" bash -c {q(body)})')
+        if node.image:
+            run = f'docker run --rm -u "$(id -u):$(id -g)" -v "$PWD:$PWD" -w "$PWD" -e PIPEBUILD_TASK_DIR="$PWD" {q(node.image)}'
+            lines.append(f"(cd {d} && {run} bash -c {q(body)})")
+        else:
+            lines.append(f'(cd {d} && PIPEBUILD_TASK_DIR="$PWD" bash -c {q(body)})')
         for o in node.outputs:
             for dest in o.dests:
                 lines += publish_lines(f"{d}/{o.relpath}", dest)

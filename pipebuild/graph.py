@@ -111,7 +111,9 @@ class Graph:
 def resolve(path: str, workspace: str) -> str:
     """An absolute, normalised path for a user-written one."""
     if path.startswith("gs://"):
-        raise DefinitionError(f"gs:// paths are not supported yet: {path}")
+        from .gcs import check_url  # objects in Google Cloud Storage: see gcs.py
+
+        return check_url(path)
     return os.path.normpath(os.path.join(workspace, os.path.expanduser(path)))
 
 
