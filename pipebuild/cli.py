@@ -1,4 +1,4 @@
-"""The command line: `pipebuild make|list|status|clean|gc`.
+"""The command line: `pipebuild make|watch|list|status|explain|log|graph|clean|gc`.
 
 Exit status: 0 success, 1 a task failed, 2 a usage or definition error (one line, no
 traceback), 130 interrupted (running tasks are stopped first).
@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
@@ -44,9 +44,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _complete_targets(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of TARGET: task names and destinations from the Pipefile."""
+    from .completion import complete_targets
+
+    return complete_targets(ctx, incomplete)
+
+
 FileOpt = Annotated[str | None, typer.Option("-f", "--file", help="The Pipefile (default: Pipefile.py).")]
 DirOpt = Annotated[str | None, typer.Option("-C", "--directory", help="Change to DIR before anything else.")]
-TargetsArg = Annotated[list[str] | None, typer.Argument(help="Destinations or task names (default: all).")]
+TargetsArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Destinations or task names (default: all).", autocompletion=_complete_targets),
+]
+JobsOpt = Annotated[int | None, typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")]
+KeepGoingOpt = Annotated[bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")]
+ExplainOpt = Annotated[bool, typer.Option("--explain", help="Say why each task ran or was skipped.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Print failures only.")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Also print skipped tasks.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write every event as one JSON object per line on stdout.")]
 
 
 def _fail(message: str, code: Exit = Exit.USAGE) -> NoReturn:
@@ -94,18 +111,17 @@ def _options(**kwargs: Any) -> Options:
 @_guard
 def make(
     targets: TargetsArg = None,
-    jobs: Annotated[int | None, typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")] = None,
+    jobs: JobsOpt = None,
     dry_run: Annotated[bool, typer.Option("-n", "--dry-run", help="Show what would run, and the script.")] = False,
-    keep_going: Annotated[
-        bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")
-    ] = False,
-    explain: Annotated[bool, typer.Option("--explain", help="Say why each task ran or was skipped.")] = False,
+    keep_going: KeepGoingOpt = False,
+    explain: ExplainOpt = False,
     force: Annotated[
         bool, typer.Option("-B", "--force", help="Rerun the targets' tasks (all tasks when no target) regardless.")
     ] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit 2 if another build holds the workspace.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print failures only.")] = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Also print skipped tasks.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     file: FileOpt = None,
     directory: DirOpt = None,
 ) -> None:
@@ -116,11 +132,12 @@ def make(
     from . import build
 
     force_all = force and not targets
+    verbosity = -1 if quiet else (1 if verbose else 0)
     opts = _options(
         jobs=jobs or os.cpu_count() or 1,
         keep_going=keep_going,
         explain=explain,
-        verbosity=-1 if quiet else (1 if verbose else 0),
+        verbosity=verbosity,
         targets=targets or None,
         force_all=force_all,
         force=list(targets) if force and targets else [],
@@ -139,9 +156,13 @@ def make(
         return
     # SIGTERM and SIGHUP (terminal closed) stop running tasks as Ctrl-C does.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    from .report import choose
+
+    opts.reporter = choose(verbosity, explain, as_json)
     try:
         result = build.build(pipeline, opts)
     finally:
+        opts.reporter.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     result.raise_for_failure()
@@ -149,6 +170,52 @@ def make(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@app.command()
+@_guard
+def watch(
+    targets: TargetsArg = None,
+    jobs: JobsOpt = None,
+    keep_going: KeepGoingOpt = False,
+    explain: ExplainOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
+    settle: Annotated[
+        float, typer.Option("--settle", min=0.0, help="Seconds without a new change before rebuilding.")
+    ] = 0.2,
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Build, then rebuild whenever an input, the Pipefile or a module it imports is saved."""
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"-j must be at least 1, not {jobs}")
+    from . import load
+    from . import watch as watching
+    from .report import choose
+
+    path = load.find(file, directory)
+    os.chdir(os.path.dirname(path))
+    verbosity = -1 if quiet else (1 if verbose else 0)
+    reporter = choose(verbosity, explain, as_json)
+
+    def options() -> Options:
+        return _options(
+            jobs=jobs or os.cpu_count() or 1,
+            keep_going=keep_going,
+            explain=explain,
+            verbosity=verbosity,
+            targets=targets or None,
+            reporter=reporter,
+        )
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        watching.run(path, targets or None, options, reporter, settle)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command("list")
@@ -181,6 +248,76 @@ def status(targets: TargetsArg = None, file: FileOpt = None, directory: DirOpt =
         stale += state == "stale"
         typer.echo(f"{state:10} {name:{width}}  {reason}" if reason != state else f"{state:10} {name}")
     typer.echo(f"pipebuild: {stale} of {len(rows)} tasks stale")
+
+
+@app.command("explain")
+@_guard
+def explain_(targets: TargetsArg = None, file: FileOpt = None, directory: DirOpt = None) -> None:
+    """Say why each task of the targets would run or not, and when and how long it last ran."""
+    pipeline = _load(file, directory)
+    from . import history
+
+    for line in history.explain(pipeline, _options(targets=targets or None)):
+        typer.echo(line)
+
+
+@app.command()
+@_guard
+def log(
+    task: Annotated[
+        str, typer.Argument(help="A task name, or a destination its task publishes.", autocompletion=_complete_targets)
+    ],
+    stdout: Annotated[bool, typer.Option("--stdout", help="Only the task's stdout, as it is.")] = False,
+    stderr: Annotated[bool, typer.Option("--stderr", help="Only the task's stderr, as it is.")] = False,
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Show the log (stdout, stderr) of a task's last run."""
+    from . import history, load
+
+    path = load.find(file, directory)
+    os.chdir(os.path.dirname(path))
+    state_dir = _options().state_dir
+    name = task
+    if not history.has_log(state_dir, task):  # not a task that ran: maybe a destination
+        name = history.task_for(load.load(path), _options(), task)
+    streams = ("out",) if stdout and not stderr else ("err",) if stderr and not stdout else ("out", "err")
+    sys.stdout.write(history.show_log(state_dir, name, streams))
+
+
+class GraphFormat(str, Enum):
+    """Output formats of `pipebuild graph`."""
+
+    dot = "dot"
+    svg = "svg"
+    html = "html"
+    mermaid = "mermaid"
+
+
+@app.command()
+@_guard
+def graph(
+    targets: TargetsArg = None,
+    fmt: Annotated[GraphFormat, typer.Option("--format", "-F", help="dot, svg (needs Graphviz), html or mermaid.")] = (
+        GraphFormat.dot
+    ),
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Write to FILE instead of stdout.")] = None,
+    file: FileOpt = None,
+    directory: DirOpt = None,
+) -> None:
+    """Draw the task graph, coloured by state (up to date, stale, failed last time, ...)."""
+    out = os.path.abspath(output) if output else None
+    pipeline = _load(file, directory)
+    from . import graphview
+
+    v = graphview.view(pipeline, _options(targets=targets or None))
+    text = graphview.render(v, fmt.value)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    with open(out, "w") as f:
+        f.write(text)
+    typer.echo(f"pipebuild: wrote the graph of {len(v.names)} tasks to {output}", err=True)
 
 
 @app.command()
@@ -218,7 +355,13 @@ def gc(
 def main() -> None:
     """Console entry point."""
     pygc.disable()  # a short-lived process: see build.paused_gc
+    extra: dict[str, Any] = {}
+    if "_PIPEBUILD_COMPLETE" in os.environ:  # a shell asks for completions: see completion.py
+        from .completion import init
+
+        init()
+        extra["prog_name"] = "pipebuild"  # also under `python -m pipebuild`
     try:
-        app()
+        app(**extra)
     except KeyboardInterrupt:
         sys.exit(int(Exit.INTERRUPTED))

@@ -1,0 +1,1 @@
+complete --command pipebuild --no-files --arguments "(env _PIPEBUILD_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) pipebuild)" --condition "env _PIPEBUILD_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) pipebuild"
