@@ -1,0 +1,63 @@
+"""Injected faults: a full disk while publishing, outputs of several GiB."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+import sys
+
+from pipebuild import Pipeline
+from pipebuild import build as build_module
+from pipebuild.build import Options, build
+
+
+def pipeline(root, text):
+    p = Pipeline()
+    t = p.new_task("t")
+    t.command(f"printf '{text}' > {t.ofile}")
+    p.write_output(t.ofile, os.path.join(root, "out/result.txt"))
+    return p
+
+
+def test_disk_full_while_publishing_keeps_the_previous_output(tmp_path, monkeypatch):
+    """Given ENOSPC halfway through copying a new output, the old destination should survive intact."""
+    opts = Options(workspace=str(tmp_path), verbosity=-1)
+    assert build(pipeline(tmp_path, "good"), opts).ran == ["t"]
+    real_copy = build_module.shutil.copyfile
+
+    def full_disk(src, dst, *a, **kw):
+        with open(dst, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build_module.shutil, "copyfile", full_disk)
+    r = build(pipeline(tmp_path, "better"), opts)
+    assert [f.name for f in r.failed] == ["t"] and "No space left on device" in r.failed[0].detail
+    assert (tmp_path / "out/result.txt").read_text() == "good"
+    assert not [n for n in os.listdir(tmp_path / "out") if n != "result.txt"], "a temp file was left behind"
+    monkeypatch.setattr(build_module.shutil, "copyfile", real_copy)
+    r = build(pipeline(tmp_path, "better"), opts)
+    assert r.ran == ["t"] and (tmp_path / "out/result.txt").read_text() == "better"
+
+
+def test_outputs_of_several_gib_are_streamed(tmp_path):
+    """Given a 3 GiB (sparse) output, pipebuild should hash, store and publish it in bounded memory."""
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "t = p.new_task('big')\n"
+        "t.command(f'truncate -s 3G {t.ofile}')\n"
+        "p.write_output(t.ofile, 'big.bin')\n"
+    )
+    code = (
+        "import resource, subprocess, sys\n"
+        "subprocess.run([sys.executable, '-m', 'pipebuild', 'make', '-q'], check=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    peak_kib = int(out.stdout.split()[-1])
+    assert os.path.getsize(tmp_path / "big.bin") == 3 << 30
+    assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB: the output was read into memory"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 << 20  # the test itself stayed small too
