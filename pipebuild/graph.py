@@ -168,7 +168,8 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
             node.deps.append(j)
         mapping = dict(own[node.index])
         # Inputs: one unit per file or group, laid out in order of first mention.
-        taken: dict[str, set[str]] = {}
+        taken: dict[int, set[str]] = {}
+        first_free: dict[str, int] = {}
         seen_groups: set[str] = set()
         for r in t._inputs:
             group = r._resource_group
@@ -191,11 +192,17 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
                 else:
                     root = own[index[group._source]][group._uid][4:]
                 names.append(root)
-            prefix, k = "in/", 0
-            while names and taken.get(prefix, set()).intersection(names):
+            # The first in/, in/1/, in/2/ ... where none of the unit's names is taken. Search
+            # from the lowest index each name could still use, so a gather over 10,000
+            # files all called `ofile` stays linear.
+            k = max((first_free.get(n, 0) for n in names), default=0)
+            while names and taken.get(k, set()).intersection(names):
                 k += 1
-                prefix = f"in/{k}/"
-            taken.setdefault(prefix, set()).update(names)
+            prefix = f"in/{k}/" if k else "in/"
+            taken.setdefault(k, set()).update(names)
+            for n in names:
+                if first_free.get(n, 0) == k:
+                    first_free[n] = k + 1
             for f, name in zip(files, names, strict=False):
                 relpath = prefix + name
                 mapping[f._uid] = relpath
