@@ -195,14 +195,14 @@ def plan(pipeline: Pipeline, workspace: str, state_dir: str) -> Graph:
             # The first in/, in/1/, in/2/ ... where none of the unit's names is taken. Search
             # from the lowest index each name could still use, so a gather over 10,000
             # files all called `ofile` stays linear.
-            k = max((first_free.get(n, 0) for n in names), default=0)
+            k = max((first_free.get(name, 0) for name in names), default=0)
             while names and taken.get(k, set()).intersection(names):
                 k += 1
             prefix = f"in/{k}/" if k else "in/"
             taken.setdefault(k, set()).update(names)
-            for n in names:
-                if first_free.get(n, 0) == k:
-                    first_free[n] = k + 1
+            for name in names:
+                if first_free.get(name, 0) == k:
+                    first_free[name] = k + 1
             for f, name in zip(files, names, strict=False):
                 relpath = prefix + name
                 mapping[f._uid] = relpath
