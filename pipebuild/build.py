@@ -28,7 +28,7 @@ from functools import partial
 
 from .cas import ContentStore
 from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
-from .executors import Executor, Job, JobResult
+from .executors import STOPPED, Executor, Job, JobResult
 from .gcs import is_gs, stat_cache
 from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
@@ -311,7 +311,12 @@ class _Build:
                 [n.always_run for n in self.nodes],
             )
             try:
-                sched.run(self._decide, self._complete, on_interrupt=self.executor.cancel_all)
+                sched.run(
+                    self._decide,
+                    self._complete,
+                    on_interrupt=self.executor.cancel_all,
+                    on_stop=self.executor.stop_running,  # a failure without -k stops the rest
+                )
             finally:
                 dirty = self.stats.take_dirty()
                 if dirty:
@@ -426,6 +431,8 @@ class _Build:
                 self.reporter.verbose_log(node.name, self._log(node, "out"))
             return True
         failure = outcome.failure or TaskFailure(node.name, "failed")
+        if failure.detail == STOPPED:
+            return False  # stopped after another task failed: no trace, reported as not run
         rec = TaskRecord(
             key,
             rdigest,

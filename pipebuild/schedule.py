@@ -53,8 +53,14 @@ class Scheduler:
         decide: Callable[[int], Work | None],
         complete: Callable[[int, Any], bool],
         on_interrupt: Callable[[], None] = lambda: None,
+        on_stop: Callable[[], None] = lambda: None,
     ) -> None:
-        """Run every selected node; returns when nothing more can run."""
+        """Run every selected node; returns when nothing more can run.
+
+        `on_stop` is called once, at the first failure when not keep_going, so that work
+        still running can be stopped.
+        """
+        stop_called = False
         ready = deque(i for i in range(self.n) if self.selected[i] and self.pending[i] == 0)
         runq: deque[tuple[int, Work]] = deque()
         running: dict[cf.Future[Any], int] = {}
@@ -86,6 +92,9 @@ class Scheduler:
                     if not ok:
                         self.failed = True
                     self._finish(i, ok, ready)
+                if self.failed and not self.keep_going and not stop_called:
+                    stop_called = True
+                    on_stop()
         except KeyboardInterrupt:
             self.interrupted = True
             on_interrupt()

@@ -326,3 +326,24 @@ def test_a_definition_error_at_build_time_leaves_no_crash_marker(tmp_path):
     with pytest.raises(PipelineException, match="missing"):
         build(p, Options(workspace=str(tmp_path), verbosity=-1))
     assert not (tmp_path / ".pipebuild/building").exists()
+
+
+def test_a_failure_without_keep_going_stops_tasks_still_running(tmp_path):
+    """Given -j2 with one task failing while another sleeps, we should stop the sleeper and record nothing for it."""
+    marker = f"sleep 37.{os.getpid()}"
+    p = Pipeline()
+    bad = p.new_task("bad")
+    bad.command(f"sleep 0.3; echo > {bad.ofile}; exit 1")
+    slow = p.new_task("slow")
+    slow.command(f"{marker}; echo > {slow.ofile}")
+    for t in (bad, slow):
+        p.write_output(t.ofile, str(tmp_path / t.name))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert [f.name for f in r.failed] == ["bad"] and r.not_run == ["slow"]
+    assert r.reasons["slow"] == "the build stopped after a failure"
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1
+    db = sqlite3.connect(tmp_path / ".pipebuild/cache.sqlite")
+    try:
+        assert [n for (n,) in db.execute("SELECT name FROM tasks")] == ["bad"]
+    finally:
+        db.close()

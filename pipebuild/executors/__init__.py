@@ -21,6 +21,9 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
 
 
+STOPPED = "stopped"
+
+
 @dataclass
 class JobResult:
     """How a job ended: exit code, or a timeout, or an error outside the command."""
@@ -38,7 +41,14 @@ class Executor(Protocol):
         ...
 
     def cancel_all(self) -> None:
-        """Stop every running job (Ctrl-C)."""
+        """Stop every running job and refuse new ones (Ctrl-C)."""
+        ...
+
+    def stop_running(self) -> None:
+        """Stop the jobs running now (a failure without -k); later jobs may still start.
+
+        A job stopped this way ends with `JobResult.error == STOPPED`.
+        """
         ...
 
 
@@ -55,4 +65,7 @@ class FakeExecutor:
         return JobResult(self.handler(job))
 
     def cancel_all(self) -> None:
+        """Nothing runs in the background."""
+
+    def stop_running(self) -> None:
         """Nothing runs in the background."""

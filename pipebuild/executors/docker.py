@@ -33,7 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import DefinitionError, UsageError
-from . import Executor, Job, JobResult
+from . import STOPPED, Executor, Job, JobResult
 from .local import _MAX_ARG, LocalExecutor
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ class DockerExecutor:
         self._running: dict[str, Any] = {}  # container id -> container
         self._lock = threading.Lock()
         self._cancelled = False
+        self._stopped: set[str] = set()  # ids of containers stopped by stop_running
         self._ncpu = 0
 
     # -- before the build --------------------------------------------------------------
@@ -313,7 +314,12 @@ class DockerExecutor:
         try:
             if cancelled:
                 return JobResult(130, error="interrupted")
-            return self._start_and_wait(container, job)
+            result = self._start_and_wait(container, job)
+            with self._lock:
+                if container.id in self._stopped:
+                    self._stopped.discard(container.id)
+                    return JobResult(result.exit_code or 137, error=STOPPED)
+            return result
         finally:
             with self._lock:
                 self._running.pop(container.id, None)
@@ -397,6 +403,14 @@ class DockerExecutor:
         except self._errors.DockerException:
             return False
 
+    def stop_running(self) -> None:
+        """Kill and remove the containers running now; later ones still start."""
+        with self._lock:
+            running = list(self._running.values())
+            self._stopped.update(c.id for c in running)
+        for c in running:
+            _quiet(partial(c.remove, force=True), self._errors)
+
     def cancel_all(self) -> None:
         """Kill and remove every running container; no new one starts afterwards."""
         with self._lock:
@@ -443,6 +457,12 @@ class DispatchExecutor:
         self.host.cancel_all()
         if self.docker is not None:
             self.docker.cancel_all()
+
+    def stop_running(self) -> None:
+        """Stop what runs now, on the host and in containers."""
+        self.host.stop_running()
+        if self.docker is not None:
+            self.docker.stop_running()
 
 
 def default_executor(backend: object = None) -> DispatchExecutor:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import threading
 
-from . import Job, JobResult
+from . import STOPPED, Job, JobResult
 
 # bash -c takes the script as one argument, and Linux caps one argument at 128 KiB;
 # longer scripts (e.g. a gather over 10,000 inputs) go through a file.
@@ -21,6 +21,7 @@ class LocalExecutor:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._cancelled = False
+        self._stopped: set[int] = set()
 
     def run(self, job: Job) -> JobResult:
         """Run the job; kill its process group when it exceeds its timeout."""
@@ -68,7 +69,19 @@ class LocalExecutor:
                     pass
         if self._cancelled and code != 0:
             return JobResult(code, error="interrupted")
+        with self._lock:
+            if p.pid in self._stopped:
+                self._stopped.discard(p.pid)
+                return JobResult(code, error=STOPPED)
         return JobResult(code, timed_out=timed_out)
+
+    def stop_running(self) -> None:
+        """Kill the jobs running now; later jobs still start."""
+        with self._lock:
+            procs = list(self._procs.values())
+            self._stopped.update(p.pid for p in procs)
+        for p in procs:
+            _killpg(p.pid)
 
     def cancel_all(self) -> None:
         """Kill every running job's process group; no new job starts afterwards."""
