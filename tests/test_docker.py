@@ -319,6 +319,27 @@ def test_failing_image_task_reports_exit_code_and_stderr_and_leaves_no_container
     assert containers(client, root) == []
 
 
+def test_a_failure_without_keep_going_stops_a_running_container(client, tmp_path):
+    """Given a host task failing while a container sleeps (-j2, no -k), the container should be stopped and removed."""
+    root = tmp_path / "p"
+    pipefile(
+        root,
+        f"""
+        slow = p.new_task(name="slow").image("{IMAGE}")
+        slow.command(f"sleep 120; echo done > {{slow.ofile}}")
+        p.write_output(slow.ofile, "slow.txt")
+        bad = p.new_task(name="bad")
+        bad.command(f"sleep 2; exit 4; echo > {{bad.ofile}}")
+        p.write_output(bad.ofile, "bad.txt")
+        """,
+    )
+    r = make(root, "-j2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "not run slow: the build stopped after a failure" in r.stdout, r.stdout
+    assert containers(client, root) == []
+    assert not (root / "slow.txt").exists()
+
+
 def test_interrupt_stops_and_removes_running_containers(client, tmp_path):
     """Given Ctrl-C while two docker tasks sleep, we should exit 130 and leave no container behind."""
     root = tmp_path / "p"

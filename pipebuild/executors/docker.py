@@ -181,6 +181,7 @@ class DockerExecutor:
         self._lock = threading.Lock()
         self._cancelled = False
         self._stopped: set[str] = set()  # ids of containers stopped by stop_running
+        self._stop_gen = 0  # bumped by stop_running: a job begun before it must not outlive it
         self._ncpu = 0
 
     # -- before the build --------------------------------------------------------------
@@ -304,6 +305,7 @@ class DockerExecutor:
         with self._lock:
             if self._cancelled:
                 return JobResult(130, error="interrupted")
+            gen = self._stop_gen
         try:
             container = self._client.containers.create(plan.image_id, **kwargs)
         except errors.DockerException as e:
@@ -311,9 +313,12 @@ class DockerExecutor:
         with self._lock:
             self._running[container.id] = container
             cancelled = self._cancelled
+            stopped = gen != self._stop_gen  # stop_running came while this job was starting
         try:
             if cancelled:
                 return JobResult(130, error="interrupted")
+            if stopped:
+                return JobResult(137, error=STOPPED)
             result = self._start_and_wait(container, job)
             with self._lock:
                 if container.id in self._stopped:
@@ -406,6 +411,7 @@ class DockerExecutor:
     def stop_running(self) -> None:
         """Kill and remove the containers running now; later ones still start."""
         with self._lock:
+            self._stop_gen += 1
             running = list(self._running.values())
             self._stopped.update(c.id for c in running)
         for c in running:

@@ -22,6 +22,7 @@ class LocalExecutor:
         self._lock = threading.Lock()
         self._cancelled = False
         self._stopped: set[int] = set()
+        self._stop_gen = 0  # bumped by stop_running: a job begun before it must not outlive it
 
     def run(self, job: Job) -> JobResult:
         """Run the job; kill its process group when it exceeds its timeout."""
@@ -35,6 +36,7 @@ class LocalExecutor:
             with open(path, "w") as f:
                 f.write(job.script)
             argv = ["bash", path]
+        gen = self._stop_gen
         with open(job.stdout, "wb") as out, open(job.stderr, "wb") as err:
             with self._lock:
                 if self._cancelled:
@@ -47,6 +49,9 @@ class LocalExecutor:
                 except OSError as e:
                     return JobResult(127, error=f"cannot start bash: {e}")
                 self._procs[p.pid] = p
+                if gen != self._stop_gen:  # stop_running came while this job was starting
+                    self._stopped.add(p.pid)
+                    _killpg(p.pid)
             # If pipebuild itself is killed (-9), the next build finds this file and stops
             # the orphaned task before it reuses its directory (build.Workspace.recover).
             pidfile = job.dir + ".pid"
@@ -78,6 +83,7 @@ class LocalExecutor:
     def stop_running(self) -> None:
         """Kill the jobs running now; later jobs still start."""
         with self._lock:
+            self._stop_gen += 1
             procs = list(self._procs.values())
             self._stopped.update(p.pid for p in procs)
         for p in procs:
