@@ -347,3 +347,15 @@ def test_a_failure_without_keep_going_stops_tasks_still_running(tmp_path):
         assert [n for (n,) in db.execute("SELECT name FROM tasks")] == ["bad"]
     finally:
         db.close()
+
+
+def test_a_script_longer_than_one_argument_runs_from_a_file(tmp_path):
+    """Given a command over Linux's 128 KiB argument cap, we should still run it (via a script file)."""
+    p = Pipeline()
+    t = p.new_task("long")
+    t.command(": " + "x" * 200_000)
+    t.command(f"echo ran > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "long.txt"))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1))
+    assert r.ran == ["long"], r.failed
+    assert read(tmp_path / "long.txt") == "ran\n"

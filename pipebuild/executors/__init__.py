@@ -23,6 +23,23 @@ class Job:
 
 STOPPED = "stopped"
 
+# bash -c takes the script as one argument, and Linux caps one argument at 128 KiB;
+# longer scripts (e.g. a gather over 10,000 inputs) go through a file.
+MAX_ARG = 100_000
+
+
+def long_script_file(job: Job) -> str | None:
+    """Write the job's script beside its task directory if it is too long for `bash -c`.
+
+    Returns the file's path, or None when the script fits in one argument.
+    """
+    if len(job.script) < MAX_ARG:
+        return None
+    path = job.dir + ".sh"
+    with open(path, "w") as f:
+        f.write(job.script)
+    return path
+
 
 @dataclass
 class JobResult:

@@ -33,8 +33,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import DefinitionError, UsageError
-from . import STOPPED, Executor, Job, JobResult
-from .local import _MAX_ARG, LocalExecutor
+from . import STOPPED, Executor, Job, JobResult, long_script_file
+from .local import LocalExecutor
 
 if TYPE_CHECKING:
     from ..graph import Node
@@ -341,14 +341,10 @@ class DockerExecutor:
         env = kwargs.setdefault("environment", {})
         env.update(job.env)
         env["PIPEBUILD_TASK_DIR"] = job.dir
-        if len(job.script) < _MAX_ARG:
-            command = ["bash", "-c", job.script]
-        else:
-            path = job.dir + ".sh"
-            with open(path, "w") as f:
-                f.write(job.script)
+        path = long_script_file(job)
+        command = ["bash", SCRIPT_TARGET] if path else ["bash", "-c", job.script]
+        if path:
             volumes[path] = {"bind": SCRIPT_TARGET, "mode": "ro"}
-            command = ["bash", SCRIPT_TARGET]
         kwargs.setdefault("user", f"{os.getuid()}:{os.getgid()}")
         labels = kwargs.setdefault("labels", {})
         labels[LABEL] = job.name

@@ -7,11 +7,7 @@ import signal
 import subprocess
 import threading
 
-from . import STOPPED, Job, JobResult
-
-# bash -c takes the script as one argument, and Linux caps one argument at 128 KiB;
-# longer scripts (e.g. a gather over 10,000 inputs) go through a file.
-_MAX_ARG = 100_000
+from . import STOPPED, Job, JobResult, long_script_file
 
 
 class LocalExecutor:
@@ -29,13 +25,8 @@ class LocalExecutor:
         env = dict(os.environ)
         env.update(job.env)
         env["PIPEBUILD_TASK_DIR"] = job.dir
-        if len(job.script) < _MAX_ARG:
-            argv = ["bash", "-c", job.script]
-        else:
-            path = job.dir + ".sh"
-            with open(path, "w") as f:
-                f.write(job.script)
-            argv = ["bash", path]
+        path = long_script_file(job)
+        argv = ["bash", path] if path else ["bash", "-c", job.script]
         gen = self._stop_gen
         with open(job.stdout, "wb") as out, open(job.stderr, "wb") as err:
             with self._lock:
