@@ -6,7 +6,8 @@
      │    ├── DuplicateResourceError  a task declares a resource name twice
      │    └── MissingInputError       a read_input path does not exist
      ├── UsageError                   the command line is wrong (exit 2)
-     │    └── WorkspaceBusy           another build holds the workspace lock
+     │    ├── WorkspaceBusy           another build holds the workspace lock
+     │    └── CacheError              the cache database cannot be written (read-only, full)
      └── BuildFailed                  one or more tasks failed (exit 1); names them
 
 Definition and usage errors are printed as one line, never a traceback. A build failure
@@ -63,6 +64,10 @@ class UsageError(PipelineException):
 
 class WorkspaceBusy(UsageError):
     """Another pipebuild holds this workspace's lock."""
+
+
+class CacheError(UsageError):
+    """The cache database cannot be opened or written (read-only, disk full, I/O error)."""
 
 
 class BuildFailed(PipelineException):

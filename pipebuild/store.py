@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .exceptions import CacheError
+
 SCHEMA_VERSION = "1"
 
 FileRow = tuple[int, int, int, str]
@@ -65,13 +67,18 @@ class Store:
         self._warn = warn
         self.queries = 0  # statements issued, so tests can count work
         try:
-            self.db = self._open()
-        except sqlite3.DatabaseError as e:
-            if path is None:
+            try:
+                self.db = self._open()
+            except sqlite3.DatabaseError as e:
+                if path is None or _unwritable(e):
+                    raise
+                warn(f"pipebuild: warning: cache {path} is unreadable ({e}); starting a fresh cache")
+                self._remove_files()
+                self.db = self._open()
+        except (sqlite3.DatabaseError, OSError) as e:
+            if path is None or not (isinstance(e, OSError) or _unwritable(e)):
                 raise
-            warn(f"pipebuild: warning: cache {path} is unreadable ({e}); starting a fresh cache")
-            self._remove_files()
-            self.db = self._open()
+            raise CacheError(f"cannot use the cache {path}: {e}") from None
 
     def _remove_files(self) -> None:
         assert self.path is not None
@@ -118,6 +125,10 @@ class Store:
         try:
             return fn()
         except sqlite3.DatabaseError as e:
+            if self.path is not None and _unwritable(e):
+                # Read-only or full: stop with one line; what is published stays correct,
+                # and the tasks whose traces were not written simply run again next time.
+                raise CacheError(f"cannot write the cache {self.path}: {e}") from None
             if self.path is None or not _damaged(e):
                 raise
             self._warn(f"pipebuild: warning: cache {self.path} is damaged ({e}); starting a fresh cache")
@@ -225,6 +236,15 @@ class Store:
     def close(self) -> None:
         """Close the connection."""
         self.db.close()
+
+
+def _unwritable(e: sqlite3.DatabaseError) -> bool:
+    """True for errors that mean the database cannot be written: read-only, full, I/O."""
+    name = str(getattr(e, "sqlite_errorname", ""))
+    if name:
+        return name.startswith(("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM"))
+    text = str(e)
+    return any(t in text for t in ("readonly", "disk is full", "disk I/O error", "unable to open"))
 
 
 def _damaged(e: sqlite3.DatabaseError) -> bool:

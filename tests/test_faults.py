@@ -5,8 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from pipebuild import Pipeline
 from pipebuild import build as build_module
@@ -61,3 +64,50 @@ def test_outputs_of_several_gib_are_streamed(tmp_path):
     assert os.path.getsize(tmp_path / "big.bin") == 3 << 30
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB: the output was read into memory"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 << 20  # the test itself stayed small too
+
+
+PIPEFILE = (
+    "from pipebuild import Pipeline\n"
+    "p = Pipeline()\n"
+    "a = p.new_task('a')\n"
+    "a.command(f'echo one > {a.ofile}')\n"
+    "b = p.new_task('b')\n"
+    "b.command(f'tr a-z A-Z < {a.ofile} > {b.ofile}')\n"
+    "p.write_output(a.ofile, 'out/a.txt')\n"
+    "p.write_output(b.ofile, 'out/b.txt')\n"
+)
+
+
+@pytest.mark.parametrize(
+    "message", ["attempt to write a readonly database", "database or disk is full", "disk I/O error"]
+)
+@pytest.mark.parametrize("when", ["open", "write"])
+def test_an_unwritable_cache_is_one_line_and_no_wrong_output(tmp_path, monkeypatch, message, when):
+    """Given a cache that cannot be written (read-only, full disk), make should exit 2 with one line, no traceback."""
+    from typer.testing import CliRunner
+
+    from pipebuild import store
+    from pipebuild.cli import app
+
+    (tmp_path / "Pipefile.py").write_text(PIPEFILE)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["make", "-q", "-j1"]).exit_code == 0
+    (tmp_path / "Pipefile.py").write_text(PIPEFILE.replace("echo one", "echo two"))
+
+    def fail(*args, **kwargs):
+        raise sqlite3.OperationalError(message)
+
+    monkeypatch.setattr(store.Store, "_open" if when == "open" else "_record", fail)
+    r = runner.invoke(app, ["make", "-q", "-j1"])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot" in lines[0] and "cache" in lines[0] and message in lines[0], r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    for name in ("a", "b"):  # each destination is either the old or the new, complete
+        assert (tmp_path / f"out/{name}.txt").read_text() in ("one\n", "ONE\n", "two\n", "TWO\n")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["make", "-q", "-j1"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out/a.txt").read_text() == "two\n" and (tmp_path / "out/b.txt").read_text() == "TWO\n"
