@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,3 +113,39 @@ def test_an_unwritable_cache_is_one_line_and_no_wrong_output(tmp_path, monkeypat
     r = runner.invoke(app, ["make", "-q", "-j1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out/a.txt").read_text() == "two\n" and (tmp_path / "out/b.txt").read_text() == "TWO\n"
+
+
+def test_make_while_watch_builds_refuses_or_waits_and_loses_nothing(tmp_path):
+    """Given `watch` in the middle of a build, make --no-wait should refuse in one line, and make afterwards do nothing."""
+    marker = f"sleep 3.{os.getpid()}"
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "t = p.new_task('slow')\n"
+        f"t.command(f'{marker}; echo done > {{t.ofile}}')\n"
+        "p.write_output(t.ofile, 'out.txt')\n"
+    )
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "pipebuild", "watch", "-q"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode != 0:
+            assert watch.poll() is None, "watch exited"
+            assert time.monotonic() < deadline, "watch never started its build"
+            time.sleep(0.05)
+        make = [sys.executable, "-m", "pipebuild", "make"]
+        r = subprocess.run([*make, "--no-wait"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "another pipebuild" in r.stderr, r.stdout + r.stderr
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+        r = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)  # waits for watch
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "0 ran" in r.stdout and (tmp_path / "out.txt").read_text() == "done\n"
+    finally:
+        watch.send_signal(signal.SIGINT)
+        try:
+            watch.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+    assert watch.returncode == 130
