@@ -44,6 +44,10 @@ class LocalBackend(Backend):
     adds `docker run` flags such as `-e K=V`, `-v SRC:DEST` or `--network host`, and
     `gsa_key_file` (default: `PIPEBUILD_GSA_KEY_FILE`, else `HAIL_PIPELINE_GSA_KEY_FILE`) is
     mounted read-only at `/gsa-key/key.json`.
+
+    `remote_cache="gs://BUCKET/PREFIX"` (default: `PIPEBUILD_REMOTE_CACHE`) shares the
+    action cache and content store across machines (`remote.py`); with
+    `remote_cache_read_only=True` (or `PIPEBUILD_REMOTE_CACHE_READ_ONLY=1`) it is only read.
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class LocalBackend(Backend):
         jobs: int | None = None,
         cache_dir: str | None = None,
         keep_going: bool = False,
+        remote_cache: str | None = None,
+        remote_cache_read_only: bool = False,
     ) -> None:
         self._tmp_dir = tmp_dir
         self._gsa_key_file = (
@@ -70,6 +76,12 @@ class LocalBackend(Backend):
         self._jobs = jobs
         self._cache_dir = cache_dir
         self._keep_going = keep_going
+        if remote_cache:
+            from .remote import parse
+
+            parse(remote_cache)  # a malformed URL fails here, not at run time
+        self._remote_cache = remote_cache or None
+        self._remote_cache_read_only = remote_cache_read_only
 
     def _run(
         self,
@@ -91,6 +103,8 @@ class LocalBackend(Backend):
             keep_going=self._keep_going,
             verbose=verbose,
             delete_scratch=delete_scratch_on_exit,
+            remote_cache=self._remote_cache,
+            remote_cache_read_only=self._remote_cache_read_only,
         )
         if dry_run:
             print(build.script(pipeline, options), end="")

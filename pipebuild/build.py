@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
 from .pipeline import Pipeline
 from .rebuild import Action, Decision, Reason, Rebuilder
+from .remote import RemoteCache
+from .remote import settings as remote_settings
 from .report import Reporter
 from .resource import safe_name
 from .schedule import Scheduler
@@ -61,6 +64,8 @@ class Options:
     wait: bool = True  # wait for the workspace lock (else WorkspaceBusy)
     executor: Executor | None = None
     reporter: Reporter | None = None
+    remote_cache: str | None = None  # gs://BUCKET/PREFIX (see remote.py); None: see remote.settings
+    remote_cache_read_only: bool = False
 
     @property
     def state_dir(self) -> str:
@@ -258,10 +263,11 @@ def _unknown_target(graph: Graph, target: str) -> str:
 class _Outcome:
     """What a worker reports back to the main thread."""
 
-    __slots__ = ("ok", "outputs", "blobs", "files", "failure", "seconds")
+    __slots__ = ("ok", "ran", "outputs", "blobs", "files", "failure", "seconds")
 
     def __init__(self) -> None:
         self.ok = False
+        self.ran = False  # a restore that had to run the task (a remote blob was unusable)
         self.outputs: dict[str, str] = {}
         self.blobs: list[tuple[str, int]] = []
         self.files: list[tuple[str, int, int, int, str]] = []
@@ -286,6 +292,10 @@ class _Build:
         n = len(graph.nodes)
         self.outputs: list[dict[str, str] | None] = [None] * n
         self.pending: dict[int, tuple[str, str, list[tuple[str, str, str]], Decision]] = {}
+        self.remote: RemoteCache | None = None
+        if options.remote_cache:
+            self.remote = RemoteCache(options.remote_cache, options.remote_cache_read_only, reporter.warning)
+        self._redo_lock = threading.RLock()  # a rerun producer may need its own producer rerun
 
     def run(self) -> BuildResult:
         t0 = time.perf_counter()
@@ -301,7 +311,7 @@ class _Build:
             forced = {self.nodes[i].name for i in select(self.graph, opts.force)} if opts.force else set()
             if opts.force_all:
                 forced = {n.name for n, s in zip(self.nodes, self.selected, strict=True) if s}
-            self.rebuilder = Rebuilder(self.store, self.cas, self.stats, traces, forced)
+            self.rebuilder = Rebuilder(self.store, self.cas, self.stats, traces, forced, self.remote)
             self.reporter.start(sum(self.selected))
             sched = Scheduler(
                 [n.deps for n in self.nodes],
@@ -393,8 +403,8 @@ class _Build:
             return None
         self.pending[i] = (key, rdigest, inputs, dec)
         if dec.action is Action.RESTORE:
-            return partial(self._restore, node, dec)
-        return partial(self._execute, node)
+            return partial(self._restore, node, dec, key)
+        return partial(self._execute, node, key)
 
     def _record_ok(
         self,
@@ -421,7 +431,7 @@ class _Build:
         key, rdigest, inputs, dec = self.pending.pop(i)
         if outcome.ok:
             self.outputs[i] = outcome.outputs
-            ran = dec.action is Action.RUN
+            ran = dec.action is Action.RUN or outcome.ran
             self._record_ok(
                 node, key, rdigest, inputs, outcome.outputs, outcome.seconds, outcome.blobs, outcome.files, ran
             )
@@ -453,8 +463,17 @@ class _Build:
     def _log(self, node: Node, kind: str) -> str:
         return os.path.join(self.ws.logs, safe_name(node.name) + "." + kind)
 
-    def _restore(self, node: Node, dec: Decision) -> _Outcome:
+    def _restore(self, node: Node, dec: Decision, key: str | None = None) -> _Outcome:
         out = _Outcome()
+        if self.remote is not None:  # fetch what is not here; if that fails, do the work again
+            for digest in dict.fromkeys(d for d, _ in dec.restore):
+                if not self.cas.has(digest):
+                    size = self.remote.fetch(digest, self.cas)
+                    if size is None:
+                        rerun = self._execute(node, key)
+                        rerun.ran = True
+                        return rerun
+                    out.blobs.append((digest, size))
         try:
             for digest, dest in dec.restore:
                 path, size, mtime, ino = publish(self.cas.path(digest), dest)
@@ -466,7 +485,7 @@ class _Build:
         out.ok = True
         return out
 
-    def _execute(self, node: Node) -> _Outcome:
+    def _execute(self, node: Node, key: str | None = None) -> _Outcome:
         self.reporter.started(node.name)  # worker thread: the live display lists running tasks
         t0 = time.perf_counter()
         out = _Outcome()
@@ -506,6 +525,8 @@ class _Build:
             out.ok = True
             if opts.delete_scratch:
                 shutil.rmtree(workdir, ignore_errors=True)
+            if key is not None and self.remote is not None:
+                self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
 
     def _prepare(self, node: Node, workdir: str) -> None:
@@ -541,6 +562,14 @@ class _Build:
                     if os.path.isfile(dest) and hash_file(dest) == digest:
                         self.cas.put_copy(dest, digest)
                         return self.cas.path(digest)
+        if self.remote is not None:
+            if self.remote.fetch(digest, self.cas) is not None:
+                return self.cas.path(digest)
+            with self._redo_lock:  # the remote copy is missing or bad: run the producer again
+                if not self.cas.has(digest):
+                    self._execute(self.nodes[producer])
+            if self.cas.has(digest):
+                return self.cas.path(digest)
         raise _InputLost(f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again")
 
     def _collect(self, node: Node, workdir: str, out: _Outcome) -> None:
@@ -653,6 +682,10 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
     selected = graph.cone(roots)
     if options.executor is None:
         options = dataclasses.replace(options, executor=_default_executor(pipeline))
+    url, read_only = remote_settings(
+        options.remote_cache, options.remote_cache_read_only, getattr(pipeline, "_backend", None)
+    )
+    options = dataclasses.replace(options, remote_cache=url, remote_cache_read_only=read_only)
     ws.lock(options.wait, reporter)
     try:
         ws.recover(graph)

@@ -122,6 +122,21 @@ def make(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
+    remote_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--remote-cache",
+            metavar="gs://BUCKET/PREFIX",
+            help="Share the cache across machines (default: $PIPEBUILD_REMOTE_CACHE).",
+        ),
+    ] = None,
+    remote_cache_read_only: Annotated[
+        bool,
+        typer.Option(
+            "--remote-cache-read-only",
+            help="Read the remote cache, never write it (or PIPEBUILD_REMOTE_CACHE_READ_ONLY=1).",
+        ),
+    ] = False,
     file: FileOpt = None,
     directory: DirOpt = None,
 ) -> None:
@@ -142,7 +157,13 @@ def make(
         force_all=force_all,
         force=list(targets) if force and targets else [],
         wait=not no_wait,
+        remote_cache=remote_cache,
+        remote_cache_read_only=remote_cache_read_only,
     )
+    if remote_cache:
+        from .remote import parse
+
+        parse(remote_cache)  # a malformed URL is a usage error before anything is loaded or run
     if dry_run:
         rows = build.preview(pipeline, opts)
         width = max((len(n) for n, _, _ in rows), default=0)

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import time
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .cas import ContentStore
 from .graph import Node, show_path
 from .hashing import hash_file
 from .store import FileRow, Store, TaskRecord
+
+if TYPE_CHECKING:
+    from .remote import RemoteCache
 
 
 class Action(Enum):
@@ -38,6 +42,7 @@ class Reason:
     OUTPUT_CHANGED = "output changed"  # + ": PATH"
     FAILED_LAST_TIME = "failed last time"
     FORCED = "forced"
+    REMOTE_HIT = "remote cache hit"
     ALWAYS_RUN = "always_run"
     UPSTREAM_FAILED = "a dependency failed"
     STOPPED = "the build stopped after a failure"
@@ -118,12 +123,16 @@ class Rebuilder:
         stats: StatCache,
         traces: dict[str, TaskRecord],
         forced: set[str] | None = None,
+        remote: RemoteCache | None = None,
     ) -> None:
         self.store = store
         self.cas = cas
         self.stats = stats
         self.traces = traces
         self.forced = forced or set()
+        # With a remote cache, blobs missing here are fetched when needed (build.py), so
+        # their absence does not make a task run; the remote is asked only on a local miss.
+        self.remote = remote
 
     def check(self, node: Node, key: str, recipe: str, inputs: list[tuple[str, str, str]]) -> Decision:
         """Decide for `node`, whose action key is `key`; inputs are (relpath, display, digest)."""
@@ -134,10 +143,16 @@ class Rebuilder:
         last = self.traces.get(node.name)
         same = last is not None and last.key == key and last.status == "ok"
         outs = last.output_digests() if same and last is not None else self.store.action(key)
+        remote_hit = False
+        if outs is None and self.remote is not None:
+            outs = self.remote.lookup(key)
+            remote_hit = outs is not None
         if outs is not None:
             decision = self._verify(node, outs)
             if decision is not None:
                 decision.record = not same
+                if remote_hit:
+                    decision.reason = Reason.REMOTE_HIT
                 return decision
             return Decision(Action.RUN, self._missing_reason(node, outs))
         return Decision(Action.RUN, self._why_stale(last, recipe, inputs))
@@ -158,14 +173,18 @@ class Rebuilder:
                     if not reason:
                         what = Reason.OUTPUT_CHANGED if os.path.exists(dest) else Reason.OUTPUT_MISSING
                         reason = f"{what}: {show_path(dest)}"
-            if o.required and not o.dests and not self.cas.has(d):
+            if o.required and not o.dests and not self._has(d):
                 return None
         for d, _ in restore:
-            if not self.cas.has(d):
+            if not self._has(d):
                 return None
         if restore:
             return Decision(Action.RESTORE, reason, outs, restore)
         return Decision(Action.SKIP, Reason.UP_TO_DATE, outs)
+
+    def _has(self, digest: str) -> bool:
+        """True if the blob is here, or may be fetched from the remote cache when needed."""
+        return self.remote is not None or self.cas.has(digest)
 
     @staticmethod
     def _missing_reason(node: Node, outs: dict[str, str]) -> str:

