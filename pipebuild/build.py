@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from .cas import ContentStore
+from .cas import ContentStore, link_or_copy
 from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
 from .executors import STOPPED, Executor, Job, JobResult
 from .gcs import is_gs, stat_cache
@@ -302,15 +302,13 @@ class _Build:
         opts, ws = self.options, self.ws
         self.store = Store(ws.db, warn=self.reporter.warning)
         try:
-            self.images = _prepare(self.executor, self.graph, self.selected, ws.dir)
+            self.images = _resolve_images(self.executor, self.graph, self.selected, ws.dir)
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
             traces = self.store.load_tasks()
             self.src = self._digest_sources()
             self._copy_inputs()
-            forced = {self.nodes[i].name for i in select(self.graph, opts.force)} if opts.force else set()
-            if opts.force_all:
-                forced = {n.name for n, s in zip(self.nodes, self.selected, strict=True) if s}
+            forced = _forced(self.graph, self.selected, opts)
             self.rebuilder = Rebuilder(self.store, self.cas, self.stats, traces, forced, self.remote)
             self.reporter.start(sum(self.selected))
             sched = Scheduler(
@@ -389,9 +387,7 @@ class _Build:
                 if d is None:
                     continue  # the producer failed and this task is always_run
             inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
-        text = recipe(node.commands, _image(self.images, node), {}, [o.relpath for o in node.outputs])
-        rdigest = digest_str(text)
-        key = action_key(rdigest, [(r, d) for r, _, d in inputs])
+        rdigest, key = _keys(node, _image(self.images, node), inputs)
         dec = self.rebuilder.check(node, key, rdigest, inputs)
         self.result.reasons[node.name] = dec.reason
         if dec.action is Action.SKIP:
@@ -548,8 +544,6 @@ class _Build:
             if parent not in made:
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
-            from .cas import link_or_copy
-
             link_or_copy(src, dst)
 
     def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
@@ -606,6 +600,19 @@ class _Build:
                 out.files.append((path, size, mtime, ino, digest))
 
 
+def _keys(node: Node, image: str | None, inputs: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """(digest of the task's recipe, its action key) for inputs given as (relpath, display, digest)."""
+    rdigest = digest_str(recipe(node.commands, image, {}, [o.relpath for o in node.outputs]))
+    return rdigest, action_key(rdigest, [(r, d) for r, _, d in inputs])
+
+
+def _forced(graph: Graph, selected: list[bool], options: Options) -> set[str]:
+    """Names of the tasks that must run whatever their traces say (-B / --force)."""
+    if options.force_all:
+        return {n.name for n, s in zip(graph.nodes, selected, strict=True) if s}
+    return {graph.nodes[i].name for i in select(graph, options.force)} if options.force else set()
+
+
 def task_script(node: Node, trace: bool = False) -> str:
     """The bash script a task runs: strict mode, then its commands, one per line."""
     head = "set -euxo pipefail" if trace else "set -euo pipefail"
@@ -619,7 +626,7 @@ def _default_executor(pipeline: Pipeline | None) -> Executor:
     return default_executor(pipeline._backend if pipeline is not None else None)
 
 
-def _prepare(executor: Executor, graph: Graph, selected: list[bool], workspace: str | None) -> dict[str, str]:
+def _resolve_images(executor: Executor, graph: Graph, selected: list[bool], workspace: str | None) -> dict[str, str]:
     """Let the executor check what the selected tasks need before any runs: {image: image ID}."""
     prepare = getattr(executor, "prepare", None)
     nodes = [n for n in graph.nodes if n.image and selected[n.index]]
@@ -709,16 +716,13 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
     ws = Workspace(options.state_dir)
     graph = plan(pipeline, options.workspace, ws.dir)
     selected = graph.cone(select(graph, options.targets))
-    images = _prepare(options.executor or _default_executor(pipeline), graph, selected, None)
+    images = _resolve_images(options.executor or _default_executor(pipeline), graph, selected, None)
     store = Store(ws.db if os.path.exists(ws.db) else None)
     try:
         cas = ContentStore(ws.cas)
         stats = stat_cache(store.load_files(), graph, cas, fetch=False)
         traces = store.load_tasks()
-        forced = {graph.nodes[i].name for i in select(graph, options.force)} if options.force else set()
-        if options.force_all:
-            forced = {n.name for n, s in zip(graph.nodes, selected, strict=True) if s}
-        rebuilder = Rebuilder(store, cas, stats, traces, forced)
+        rebuilder = Rebuilder(store, cas, stats, traces, _forced(graph, selected, options))
         outputs: list[dict[str, str] | None] = [None] * len(graph.nodes)
         stale_by: list[str | None] = [None] * len(graph.nodes)
         rows: list[tuple[str, str, str]] = []
@@ -748,9 +752,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
                 stale_by[node.index] = node.name
                 rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
                 continue
-            text = recipe(node.commands, _image(images, node), {}, [o.relpath for o in node.outputs])
-            rdigest = digest_str(text)
-            key = action_key(rdigest, [(r, d) for r, _, d in inputs])
+            rdigest, key = _keys(node, _image(images, node), inputs)
             dec = rebuilder.check(node, key, rdigest, inputs)
             if dec.action is Action.RUN:
                 stale_by[node.index] = node.name
@@ -763,7 +765,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
         store.close()
 
 
-def script(pipeline: Pipeline, options: Options, only: list[str] | None = None) -> str:
+def script(pipeline: Pipeline, options: Options) -> str:
     """A bash script that builds the pipeline from scratch, without pipebuild."""
     ws = Workspace(options.state_dir)
     graph = plan(pipeline, options.workspace, ws.dir)
