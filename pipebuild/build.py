@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from .cas import ContentStore, link_or_copy
-from .exceptions import BuildFailed, MissingInputError, UsageError, WorkspaceBusy
+from .exceptions import BuildFailed, DefinitionError, MissingInputError, UsageError, WorkspaceBusy
 from .executors import STOPPED, Executor, Job, JobResult
 from .gcs import is_gs, stat_cache
 from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
@@ -370,7 +370,10 @@ class _Build:
                 raise MissingInputError(f"input file {r._input_path} does not exist", r._where)
             for dest in dests:
                 if self.stats.digest(dest) != d:
-                    path, size, mtime, ino = publish(_local(self.cas, source, d), dest)
+                    try:
+                        path, size, mtime, ino = publish(_local(self.cas, source, d), dest)
+                    except OSError as e:
+                        raise DefinitionError(f"cannot copy input {r._input_path} to {dest}: {e}", r._where) from None
                     self.stats.update(path, size, mtime, ino, d)
 
     # -- main thread: decisions and records ----------------------------------------
@@ -488,7 +491,7 @@ class _Build:
         opts = self.options
         workdir = os.path.join(self.ws.tmp, safe_name(node.name))
         try:
-            self._prepare(node, workdir)
+            out.blobs.extend(self._prepare(node, workdir))
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
@@ -525,14 +528,27 @@ class _Build:
                 self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
 
-    def _prepare(self, node: Node, workdir: str) -> None:
+    def _prepare(self, node: Node, workdir: str) -> list[tuple[str, int]]:
+        """Lay out the task directory; returns the blobs it added to the store.
+
+        A source file is copied into the store (once per content) and the task gets a link
+        to that read-only copy, never to the user's file: a command that writes into its
+        input cannot alter the source, and the copy is hashed as it is made, so a file
+        edited since the build hashed it is caught instead of built under the old key.
+        """
         if os.path.lexists(workdir):
             shutil.rmtree(workdir)
         os.makedirs(os.path.join(workdir, "out"))
         made = {workdir, os.path.join(workdir, "out")}
+        added: list[tuple[str, int]] = []
         for inp in node.inputs:
             if inp.source is not None:
-                src = _local(self.cas, inp.source, self.src[inp.source])
+                digest = self.src[inp.source]
+                if not self.cas.has(digest):
+                    if not self.cas.put_copy(_local(self.cas, inp.source, digest), digest):
+                        raise _InputLost(f"input {inp.display} changed during the build; run again")
+                    added.append((digest, os.stat(self.cas.path(digest)).st_size))
+                src = self.cas.path(digest)
             else:
                 outs = self.outputs[inp.producer]
                 d = outs.get(inp.producer_relpath) if outs else None
@@ -545,6 +561,7 @@ class _Build:
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
             link_or_copy(src, dst)
+        return added
 
     def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
         """The store path of an upstream output, re-stored from a destination if need be."""
@@ -553,8 +570,7 @@ class _Build:
         for o in self.nodes[producer].outputs:
             if o.relpath == relpath:
                 for dest in o.dests:
-                    if os.path.isfile(dest) and hash_file(dest) == digest:
-                        self.cas.put_copy(dest, digest)
+                    if os.path.isfile(dest) and self.cas.put_copy(dest, digest):
                         return self.cas.path(digest)
         if self.remote is not None:
             if self.remote.fetch(digest, self.cas) is not None:

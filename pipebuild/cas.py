@@ -12,8 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 
-from .hashing import hash_file
+from .hashing import copy_and_hash, hash_file
 
 SENTINEL_MTIME_NS = 1_000_000_000
 
@@ -62,24 +63,43 @@ class ContentStore:
         if st.st_nlink > 1 or not os.path.isfile(src) or os.path.islink(src):
             # Another name shares this inode (or it is a link): store a private copy, so
             # marking the blob never touches a file outside the store.
-            os.makedirs(self.tmp, exist_ok=True)
-            tmp = os.path.join(self.tmp, digest)
+            tmp = self._tmp_file(digest)
             shutil.copyfile(src, tmp)
             os.unlink(src)
             src = tmp
         _mark(src)
         os.replace(src, self.path(digest))
 
-    def put_copy(self, src: str, digest: str) -> None:
-        """Add a copy of `src` (a file that must stay where it is) under `digest`."""
-        if self.has(digest):
-            return
-        self._dir_for(digest)
+    def _tmp_file(self, digest: str) -> str:
+        """A fresh temporary name: tasks running at once may store the same digest."""
         os.makedirs(self.tmp, exist_ok=True)
-        tmp = os.path.join(self.tmp, digest)
-        shutil.copyfile(src, tmp)
-        _mark(tmp)
-        os.replace(tmp, self.path(digest))
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=digest[:8] + ".")
+        os.close(fd)
+        return tmp
+
+    def put_copy(self, src: str, digest: str) -> bool:
+        """Add a copy of `src` (a file that must stay where it is) if its bytes have `digest`.
+
+        The copy is hashed as it is written, so a file that changed since it was hashed is
+        caught here; returns False (and stores nothing) when the bytes differ.
+        """
+        if self.has(digest):
+            return True
+        self._dir_for(digest)
+        tmp = self._tmp_file(digest)
+        try:
+            if copy_and_hash(src, tmp) != digest:
+                os.unlink(tmp)
+                return False
+            _mark(tmp)
+            os.replace(tmp, self.path(digest))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return True
 
     def link_to(self, digest: str, dst: str) -> None:
         """Make the blob visible at `dst`: a hard link, or a copy across devices."""

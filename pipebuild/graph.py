@@ -264,6 +264,8 @@ def _check_destinations(graph: Graph) -> None:
     for n in graph.nodes:
         for o in n.outputs:
             for d in o.dests:
+                if (graph.workspace + os.sep).startswith(d.rstrip(os.sep) + os.sep):  # the workspace or above
+                    raise DefinitionError(f"output destination {d} is a directory of the workspace", n.where)
                 if d in seen:
                     raise DefinitionError(
                         f"duplicate output destination {d}: written by {seen[d]} and {n.name}", n.where
@@ -274,6 +276,17 @@ def _check_destinations(graph: Graph) -> None:
             if d in seen:
                 raise DefinitionError(f"duplicate output destination {d}: written by {seen[d]} and an input copy")
             seen[d] = "input " + r._input_path
+    # Reading a file that a task publishes would hide the dependency: the reader could run
+    # first, or keep a stale copy. The task's resource must be used instead.
+    for n in graph.nodes:
+        for inp in n.inputs:
+            if inp.source is not None and inp.source in graph.by_dest:
+                writer = graph.by_dest[inp.source].name
+                raise DefinitionError(
+                    f"input {inp.display} is an output of task '{writer}'; use that task's resource "
+                    "(e.g. writer.ofile) instead of read_input",
+                    inp.where or n.where,
+                )
 
 
 def _name_nodes(nodes: list[Node]) -> None:

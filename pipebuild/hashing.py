@@ -38,6 +38,25 @@ def hash_file(path: str) -> str:
     return h.hexdigest()
 
 
+def copy_and_hash(src: str, dst: str) -> str:
+    """Copy `src` to `dst` in 1 MiB blocks and return the digest of the bytes copied."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with open(dst, "wb") as out:
+            while True:
+                n = os.readv(fd, [buf])
+                if not n:
+                    break
+                h.update(view[:n])
+                out.write(view[:n])
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 def digest_str(text: str) -> str:
     """The xxh3-128 hex digest of a string's UTF-8 bytes."""
     return xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogateescape"))

@@ -359,3 +359,59 @@ def test_a_script_longer_than_one_argument_runs_from_a_file(tmp_path):
     r = build(p, Options(workspace=str(tmp_path), verbosity=-1))
     assert r.ran == ["long"], r.failed
     assert read(tmp_path / "long.txt") == "ran\n"
+
+
+def test_a_task_cannot_alter_its_source_input_in_place(tmp_path):
+    """Given a command that rewrites its input in place (sort -o f f), the user's file should stay as it was."""
+    write(str(tmp_path / "data.txt"), "c\nb\na\n")
+    p = Pipeline()
+    d = p.read_input(str(tmp_path / "data.txt"))
+    t = p.new_task("sortit")
+    t.command(f"sort -o {d} {d} 2>/dev/null || true; cat {d} > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "out.txt"))
+    opts = Options(workspace=str(tmp_path), verbosity=-1)
+    assert build(p, opts).ran == ["sortit"]
+    assert read(tmp_path / "data.txt") == "c\nb\na\n"
+    assert build(p, opts).ran == [], "the source did not change, so nothing reruns"
+
+
+def test_a_source_edited_after_it_was_hashed_is_not_built_under_the_old_key(tmp_path):
+    """Given a source rewritten between hashing and the task's start, the task should fail, not cache new bytes."""
+    write(str(tmp_path / "src.txt"), "old\n")
+    p = Pipeline()
+    first = p.new_task("first")
+    first.command(f"printf new > {tmp_path / 'src.txt'}; echo > {first.ofile}")
+    use = p.new_task("use").depends_on(first)
+    use.command(f"cat {p.read_input(str(tmp_path / 'src.txt'))} > {use.ofile}")
+    p.write_output(use.ofile, str(tmp_path / "out.txt"))
+    p.write_output(first.ofile, str(tmp_path / "first.txt"))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=1))
+    assert [f.name for f in r.failed] == ["use"] and "changed during the build" in r.failed[0].detail
+    assert not (tmp_path / "out.txt").exists()
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=1))
+    assert read(tmp_path / "out.txt") == "new"
+
+
+def test_reading_another_tasks_destination_is_a_definition_error(tmp_path):
+    """Given read_input of a path a task publishes, we should say to use the task's resource instead."""
+    p = Pipeline()
+    a = p.new_task("a")
+    a.command(f"echo x > {a.ofile}")
+    p.write_output(a.ofile, str(tmp_path / "mid.txt"))
+    b = p.new_task("b")
+    b.command(f"cat {p.read_input(str(tmp_path / 'mid.txt'))} > {b.ofile}")
+    p.write_output(b.ofile, str(tmp_path / "final.txt"))
+    with pytest.raises(PipelineException, match="is an output of task 'a'"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1))
+
+
+def test_copying_an_input_onto_a_directory_is_a_one_line_error(tmp_path):
+    """Given write_output of an input onto an existing directory, we should raise a DefinitionError, not crash."""
+    from pipebuild.exceptions import DefinitionError
+
+    write(str(tmp_path / "data.txt"), "x\n")
+    (tmp_path / "outdir.txt").mkdir()
+    p = Pipeline()
+    p.write_output(p.read_input(str(tmp_path / "data.txt")), str(tmp_path / "outdir.txt"))
+    with pytest.raises(DefinitionError, match="cannot copy input"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1))
