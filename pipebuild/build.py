@@ -127,12 +127,15 @@ class Workspace:
 
     def lock(self, wait: bool, reporter: Reporter) -> None:
         """Take the workspace lock, waiting (with a message) or raising WorkspaceBusy."""
-        os.makedirs(self.dir, exist_ok=True)
-        ignore = os.path.join(self.dir, ".gitignore")
-        if not os.path.exists(ignore):
-            with open(ignore, "w") as f:
-                f.write("*\n")
-        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            ignore = os.path.join(self.dir, ".gitignore")
+            if not os.path.exists(ignore):
+                with open(ignore, "w") as f:
+                    f.write("*\n")
+            fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot use the workspace directory {self.dir}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -362,8 +365,21 @@ class _Build:
         return src
 
     def _copy_inputs(self) -> None:
-        """write_output of an input file: keep each destination a copy of the source."""
-        for r, dests in self.graph.input_copies:
+        """write_output of an input file: keep each destination a copy of the source.
+
+        With targets, only the copies that are targets themselves are made."""
+        wanted = None
+        if self.options.targets:
+            wanted = set()
+            for t in self.options.targets:
+                try:
+                    wanted.add(resolve(t, self.graph.workspace))
+                except DefinitionError:
+                    pass
+        for r, all_dests in self.graph.input_copies:
+            dests = [d for d in all_dests if wanted is None or d in wanted]
+            if not dests:
+                continue
             source = resolve(r._input_path, self.graph.workspace)
             d = self.stats.digest(source)
             if d is None:

@@ -415,3 +415,27 @@ def test_copying_an_input_onto_a_directory_is_a_one_line_error(tmp_path):
     p.write_output(p.read_input(str(tmp_path / "data.txt")), str(tmp_path / "outdir.txt"))
     with pytest.raises(DefinitionError, match="cannot copy input"):
         build(p, Options(workspace=str(tmp_path), verbosity=-1))
+
+
+def test_a_workspace_that_is_a_file_is_a_usage_error(tmp_path):
+    """Given .pipebuild existing as a plain file, we should raise a one-line UsageError, not crash."""
+    from pipebuild.exceptions import UsageError
+
+    (tmp_path / ".pipebuild").write_text("not a directory")
+    p = Pipeline()
+    t = p.new_task("t")
+    t.command(f"echo > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "o"))
+    with pytest.raises(UsageError, match="cannot use the workspace directory"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1))
+
+
+def test_a_target_build_makes_only_the_input_copies_it_names(tmp_path):
+    """Given make TASK, an unrelated input copy (even of a missing file) should be left alone."""
+    p = Pipeline()
+    p.write_output(p.read_input(str(tmp_path / "missing.txt")), str(tmp_path / "copy.txt"))
+    t = p.new_task("t")
+    t.command(f"echo hi > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "o"))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, targets=["t"]))
+    assert r.ran == ["t"] and not (tmp_path / "copy.txt").exists()
