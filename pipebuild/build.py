@@ -299,6 +299,11 @@ class _Build:
         if options.remote_cache:
             self.remote = RemoteCache(options.remote_cache, options.remote_cache_read_only, reporter.warning)
         self._redo_lock = threading.RLock()  # a rerun producer may need its own producer rerun
+        self.docker_flags = str(getattr(self.executor, "flags", "") or "")
+        self.keys: list[str | None] = [None] * n
+        # Producers whose recorded output could not be found or remade: their traces and
+        # action-cache rows are dropped at the end, so the next build runs them.
+        self.stale: set[int] = set()
 
     def run(self) -> BuildResult:
         t0 = time.perf_counter()
@@ -332,6 +337,11 @@ class _Build:
                 dirty = self.stats.take_dirty()
                 if dirty:
                     self.store.record(files=dirty)
+                for i in self.stale:
+                    key = self.keys[i]
+                    self.store.forget_tasks([self.nodes[i].name])
+                    if key is not None:
+                        self.store.forget_action(key)
             failed = {f.name for f in self.result.failed}
             for i in sched.not_run:
                 name = self.nodes[i].name
@@ -406,7 +416,8 @@ class _Build:
                 if d is None:
                     continue  # the producer failed and this task is always_run
             inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
-        rdigest, key = _keys(node, _image(self.images, node), inputs)
+        rdigest, key = _keys(node, _image(self.images, node, self.docker_flags), inputs)
+        self.keys[i] = key
         dec = self.rebuilder.check(node, key, rdigest, inputs)
         self.result.reasons[node.name] = dec.reason
         if dec.action is Action.SKIP:
@@ -596,6 +607,7 @@ class _Build:
                     self._execute(self.nodes[producer])
             if self.cas.has(digest):
                 return self.cas.path(digest)
+        self.stale.add(producer)
         raise _InputLost(f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again")
 
     def _collect(self, node: Node, workdir: str, out: _Outcome) -> None:
@@ -668,9 +680,13 @@ def _resolve_images(executor: Executor, graph: Graph, selected: list[bool], work
     return images
 
 
-def _image(images: dict[str, str], node: Node) -> str | None:
-    """What the action key says of the task's image: its ID where known, else its name."""
-    return images.get(node.image, node.image) if node.image else None
+def _image(images: dict[str, str], node: Node, flags: str = "") -> str | None:
+    """What the action key says of the task's image: its ID where known, else its name, and
+    the extra `docker run` flags (an `-e VAR=...` there can change what the task writes)."""
+    if not node.image:
+        return None
+    base = images.get(node.image, node.image)
+    return f"{base} {flags}" if flags else base
 
 
 def _local(cas: ContentStore, source: str, digest: str) -> str:
@@ -748,7 +764,9 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
     ws = Workspace(options.state_dir)
     graph = plan(pipeline, options.workspace, ws.dir)
     selected = graph.cone(select(graph, options.targets))
-    images = _resolve_images(options.executor or _default_executor(pipeline), graph, selected, None)
+    executor = options.executor or _default_executor(pipeline)
+    images = _resolve_images(executor, graph, selected, None)
+    flags = str(getattr(executor, "flags", "") or "")
     store = Store(ws.db if os.path.exists(ws.db) else None)
     try:
         cas = ContentStore(ws.cas)
@@ -784,7 +802,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
                 stale_by[node.index] = node.name
                 rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
                 continue
-            rdigest, key = _keys(node, _image(images, node), inputs)
+            rdigest, key = _keys(node, _image(images, node, flags), inputs)
             dec = rebuilder.check(node, key, rdigest, inputs)
             if dec.action is Action.RUN:
                 stale_by[node.index] = node.name

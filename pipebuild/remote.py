@@ -150,7 +150,10 @@ class RemoteCache:
                 w = gcs._HashingWriter(f)
                 try:
                     from google.api_core import exceptions as gexc
-
+                except ImportError as e:  # google-cloud-storage is the optional [gcs] extra
+                    self._fail(f"download cas/{digest}", e)
+                    return None
+                try:
                     self._blob("cas", digest).download_to_file(w, checksum="auto", timeout=TIMEOUT, retry=_retry())
                 except Exception as e:  # noqa: BLE001 - api_core, auth, transport and checksum errors
                     if not isinstance(e, gexc.NotFound):

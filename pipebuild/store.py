@@ -228,6 +228,11 @@ class Store:
         self.queries += 1
         return list(self.db.execute("SELECT digest, size, used FROM blobs ORDER BY used"))
 
+    def forget_action(self, key: str) -> None:
+        """Drop an action-cache entry (its outputs can no longer be had)."""
+        self.queries += 1
+        self._guard(lambda: self.db.execute("DELETE FROM actions WHERE key=?", (key,)))
+
     def forget_tasks(self, names: Iterable[str]) -> None:
         """Drop the traces of some tasks (after `clean`)."""
         self.queries += 1

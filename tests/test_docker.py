@@ -340,6 +340,24 @@ def test_a_failure_without_keep_going_stops_a_running_container(client, tmp_path
     assert not (root / "slow.txt").exists()
 
 
+def test_extra_run_flags_are_part_of_the_key(client, tmp_path):
+    """Given `-e GREETING=...` in the extra docker run flags, changing it should rerun the image task."""
+    root = tmp_path / "p"
+    pipefile(
+        root,
+        f"""
+        t = p.new_task(name="greet").image("{IMAGE}")
+        t.command(f"echo $GREETING > {{t.ofile}}")
+        p.write_output(t.ofile, "greeting.txt")
+        """,
+    )
+    for word, ran in (("hello", 1), ("hello", 0), ("bonjour", 1)):
+        r = make(root, env={"PIPEBUILD_EXTRA_DOCKER_RUN_FLAGS": f"-e GREETING={word}"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (root / "greeting.txt").read_text() == f"{word}\n"
+        assert f"pipebuild: {ran} ran" in r.stdout, r.stdout
+
+
 def test_interrupt_stops_and_removes_running_containers(client, tmp_path):
     """Given Ctrl-C while two docker tasks sleep, we should exit 130 and leave no container behind."""
     root = tmp_path / "p"

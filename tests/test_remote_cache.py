@@ -337,3 +337,31 @@ def test_cli_flags_and_environment(bucket, url, tmp_path):
     assert objects(bucket) == before
     r = make(c, "--remote-cache", "s3://nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a remote cache URL" in r.stderr, r.stderr
+
+
+def test_an_unreproducible_producer_whose_blob_is_gone_everywhere_recovers_next_build(tmp_path, url):
+    """Given a non-deterministic intermediate whose blob is in neither store, one build may fail, the next succeeds."""
+    root = tmp_path / "w"
+    root.mkdir()
+
+    def noisy() -> Pipeline:
+        p = Pipeline()
+        stamp = p.new_task(name="stamp")
+        stamp.command(f"date +%s%N > {stamp.ofile}")  # never the same bytes twice
+        report = p.new_task(name="report")
+        report.command(f"cat {stamp.ofile} > {report.ofile}; echo {len(os.listdir(root))} >> {report.ofile}")
+        p.write_output(report.ofile, "out/report.txt")
+        return p
+
+    def run(remote_url: str | None):  # type: ignore[no-untyped-def]
+        opts = pbuild.Options(workspace=str(root), jobs=1, remote_cache=remote_url, reporter=Warnings())
+        return pbuild.build(noisy(), opts)
+
+    assert run(None).ran == ["stamp", "report"]  # the remote never sees stamp's blob
+    pbuild.gc(pbuild.Options(workspace=str(root), reporter=Warnings()), 0)
+    (root / "extra").write_text("changes report's command input count\n")
+    first = run(url)  # stamp is rerun in place and writes other bytes: report cannot run this time
+    assert [f.name for f in first.failed] == ["report"]
+    second = run(url)  # ...but stamp's stale trace was dropped, so this build runs it properly
+    assert not second.failed and second.ran == ["stamp", "report"]
+    assert (root / "out/report.txt").read_text().endswith("3\n")
