@@ -6,12 +6,13 @@ traceback), 130 interrupted (running tasks are stopped first).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc as pygc
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
@@ -141,19 +142,18 @@ def make(
     directory: DirOpt = None,
 ) -> None:
     """Build targets, running only the tasks that are stale."""
-    if jobs is not None and jobs < 1:
-        raise UsageError(f"-j must be at least 1, not {jobs}")
+    _check_jobs(jobs)
     pipeline = _load(file, directory)
     from . import build
 
     force_all = force and not targets
-    verbosity = -1 if quiet else (1 if verbose else 0)
-    opts = _options(
-        jobs=jobs or os.cpu_count() or 1,
-        keep_going=keep_going,
-        explain=explain,
-        verbosity=verbosity,
-        targets=targets or None,
+    verbosity = _verbosity(quiet, verbose)
+    opts = _build_options(
+        jobs,
+        keep_going,
+        explain,
+        verbosity,
+        targets,
         force_all=force_all,
         force=list(targets) if force and targets else [],
         wait=not no_wait,
@@ -175,22 +175,54 @@ def make(
         typer.echo("\n# The script that builds these targets from scratch:")
         typer.echo(build.script(pipeline, opts), nl=False)
         return
-    # SIGTERM and SIGHUP (terminal closed) stop running tasks as Ctrl-C does.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     from .report import choose
 
     opts.reporter = choose(verbosity, explain, as_json)
     try:
-        result = build.build(pipeline, opts)
+        with _signals_interrupt():
+            result = build.build(pipeline, opts)
     finally:
         opts.reporter.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     result.raise_for_failure()
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (terminal closed) stop running tasks as Ctrl-C does."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_jobs(jobs: int | None) -> None:
+    """-j is checked before the Pipefile is loaded."""
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"-j must be at least 1, not {jobs}")
+
+
+def _verbosity(quiet: bool, verbose: bool) -> int:
+    return -1 if quiet else (1 if verbose else 0)
+
+
+def _build_options(
+    jobs: int | None, keep_going: bool, explain: bool, verbosity: int, targets: list[str] | None, **more: Any
+) -> Options:
+    """The options `make` and `watch` share; `-j` defaults to the number of cores."""
+    return _options(
+        jobs=jobs or os.cpu_count() or 1,
+        keep_going=keep_going,
+        explain=explain,
+        verbosity=verbosity,
+        targets=targets or None,
+        **more,
+    )
 
 
 @app.command()
@@ -210,33 +242,21 @@ def watch(
     directory: DirOpt = None,
 ) -> None:
     """Build, then rebuild whenever an input, the Pipefile or a module it imports is saved."""
-    if jobs is not None and jobs < 1:
-        raise UsageError(f"-j must be at least 1, not {jobs}")
+    _check_jobs(jobs)
     from . import load
     from . import watch as watching
     from .report import choose
 
     path = load.find(file, directory)
     os.chdir(os.path.dirname(path))
-    verbosity = -1 if quiet else (1 if verbose else 0)
+    verbosity = _verbosity(quiet, verbose)
     reporter = choose(verbosity, explain, as_json)
 
     def options() -> Options:
-        return _options(
-            jobs=jobs or os.cpu_count() or 1,
-            keep_going=keep_going,
-            explain=explain,
-            verbosity=verbosity,
-            targets=targets or None,
-            reporter=reporter,
-        )
+        return _build_options(jobs, keep_going, explain, verbosity, targets, reporter=reporter)
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with _signals_interrupt():
         watching.run(path, targets or None, options, reporter, settle)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @app.command("list")

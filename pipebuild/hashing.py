@@ -14,6 +14,7 @@ which cannot occur in a path or in a command that bash accepts.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import xxhash
 
@@ -23,6 +24,17 @@ _BLOCK = 1 << 20
 
 def hash_file(path: str) -> str:
     """The xxh3-128 hex digest of the file's bytes, read in 1 MiB blocks."""
+    return _stream(path, None)
+
+
+def copy_and_hash(src: str, dst: str) -> str:
+    """Copy `src` to `dst` in 1 MiB blocks and return the digest of the bytes copied."""
+    with open(dst, "wb") as out:
+        return _stream(src, out.write)
+
+
+def _stream(path: str, sink: Callable[[memoryview], object] | None) -> str:
+    """Read `path` in 1 MiB blocks into one reused buffer, hashing (and passing on) each."""
     h = xxhash.xxh3_128()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
@@ -33,25 +45,8 @@ def hash_file(path: str) -> str:
             if not n:
                 break
             h.update(view[:n])
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def copy_and_hash(src: str, dst: str) -> str:
-    """Copy `src` to `dst` in 1 MiB blocks and return the digest of the bytes copied."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        with open(dst, "wb") as out:
-            while True:
-                n = os.readv(fd, [buf])
-                if not n:
-                    break
-                h.update(view[:n])
-                out.write(view[:n])
+            if sink is not None:
+                sink(view[:n])
     finally:
         os.close(fd)
     return h.hexdigest()
