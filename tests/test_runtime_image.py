@@ -1,0 +1,93 @@
+"""The runtime image the Batch VMs' stage-in and stage-out containers run (tests/runtime_image.py).
+
+Built on a real dockerd from `pipebuild-runtime-base:test` (tests/build_test_images.sh) and
+the current source. These tests skip when Docker or the `docker` package is missing, and
+fail instead when PIPEBUILD_REQUIRE_DOCKER=1 (.ci/run sets it). Oracles: the interpreter's
+own version, the imports the stager needs, and a hash of the source on both sides.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from runtime_image import RUNTIME_IMAGE, build_runtime_image, ensure_base_image
+
+REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unavailable(why: str) -> None:
+    """Skip, or fail when the CI requires Docker."""
+    if REQUIRE:
+        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires Docker)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def client():  # type: ignore[no-untyped-def]
+    """A client of a running dockerd that has the base image (built here if missing)."""
+    try:
+        import docker
+    except ImportError:
+        unavailable("the 'docker' package is not installed")
+    why = None
+    try:
+        c = docker.from_env()
+        c.ping()
+    except docker.errors.DockerException as e:
+        why = f"no Docker daemon: {e}"
+    if why is not None:
+        with warnings.catch_warnings():  # the SDK leaves its failed socket to the collector
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        unavailable(why)
+    try:
+        ensure_base_image(c)
+    except RuntimeError as e:
+        unavailable(str(e))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def image(client) -> str:  # type: ignore[no-untyped-def]
+    return build_runtime_image(client, REPO)
+
+
+def run_python(client, image: str, code: str) -> str:  # type: ignore[no-untyped-def]
+    """Run `python3 -c CODE` in the image as BatchBackend does (entrypoint python3); its stdout."""
+    out = client.containers.run(image, ["-c", code], entrypoint="python3", network_mode="host", remove=True)
+    return out.decode().strip()
+
+
+def test_runtime_image_has_python_311_and_the_stager_imports(client, image) -> None:  # type: ignore[no-untyped-def]
+    # Given the runtime image, python3 on PATH should be 3.11 and import what stage-in/out use.
+    code = (
+        "import sys, pipebuild, google.cloud.storage, xxhash, typer, sqlite_utils, rich, watchdog;"
+        " print(sys.version_info[:2])"
+    )
+    assert run_python(client, image, code) == "(3, 11)"
+
+
+def test_runtime_image_carries_the_current_source(client, image) -> None:  # type: ignore[no-untyped-def]
+    # Given the image built now, pipebuild/hashing.py inside should be the bytes on disk.
+    code = "import hashlib, pipebuild.hashing as h; print(hashlib.sha256(open(h.__file__, 'rb').read()).hexdigest())"
+    host = hashlib.sha256((REPO / "pipebuild" / "hashing.py").read_bytes()).hexdigest()
+    assert run_python(client, image, code) == host
+
+
+def test_runtime_image_rebuild_of_an_unchanged_source_is_a_cache_hit(client, image) -> None:  # type: ignore[no-untyped-def]
+    # Given an image just built, building again from the same source should give the same
+    # image id, quickly: each test session pays for it.
+    before = client.images.get(image).id
+    t0 = time.monotonic()
+    assert build_runtime_image(client, REPO) == image == RUNTIME_IMAGE
+    elapsed = time.monotonic() - t0
+    assert client.images.get(image).id == before
+    assert elapsed < 10, f"rebuild took {elapsed:.1f}s"
