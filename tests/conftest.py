@@ -116,3 +116,71 @@ def new_bucket():  # type: ignore[no-untyped-def]
 def bucket(emulator):  # type: ignore[no-untyped-def]
     """A new, empty bucket."""
     return new_bucket()
+
+
+# -- the Google Cloud Batch stand-in (tests/batch_standin.py) ---------------------------
+
+BATCH_IMAGE = "pipebuild-test:bash"
+
+
+def batch_unavailable(why: str) -> None:
+    """Skip, or fail when the CI requires Docker (the stand-in runs jobs in Docker)."""
+    if REQUIRE:
+        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires Docker and the Batch stand-in)")
+    pytest.skip(why)
+
+
+def batch_client(endpoint: str):  # type: ignore[no-untyped-def]
+    """The real google-cloud-batch client (REST, anonymous) aimed at a stand-in's endpoint."""
+    from batch_standin import client_for
+
+    return client_for(endpoint)
+
+
+@pytest.fixture
+def batch_standin(tmp_path):  # type: ignore[no-untyped-def]
+    """A started Batch stand-in running jobs under tmp_path/batch; its `env` carries
+    STORAGE_EMULATOR_HOST when that is set (put the `emulator` fixture first). Stopped after."""
+    try:
+        import docker
+        from google.cloud import batch_v1  # noqa: F401
+    except ImportError as e:
+        batch_unavailable(f"the Batch stand-in needs docker and google-cloud-batch: {e}")
+    try:
+        client = docker.from_env(max_pool_size=64)
+    except docker.errors.DockerException as e:
+        batch_unavailable(f"no Docker daemon: {e}")
+    try:
+        client.ping()
+        client.images.get(BATCH_IMAGE)
+    except docker.errors.ImageNotFound:
+        r = subprocess.run(
+            ["bash", str(Path(__file__).with_name("build_test_images.sh"))], capture_output=True, text=True, check=False
+        )
+        if r.returncode != 0:
+            client.close()
+            batch_unavailable(f"cannot build {BATCH_IMAGE}: {r.stderr.strip()}")
+    except docker.errors.DockerException as e:
+        client.close()
+        batch_unavailable(f"no Docker daemon: {e}")
+    from batch_standin import BatchStandin
+
+    env = (
+        {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]} if "STORAGE_EMULATOR_HOST" in os.environ else {}
+    )
+    standin = BatchStandin(tmp_path / "batch", env=env, docker_client=client).start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
+        client.close()
+
+
+@pytest.fixture
+def batch_api(batch_standin):  # type: ignore[no-untyped-def]
+    """The real BatchServiceClient talking to `batch_standin`; closed after."""
+    client = batch_client(batch_standin.endpoint)
+    try:
+        yield client
+    finally:
+        client.transport.close()
