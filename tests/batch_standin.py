@@ -60,6 +60,10 @@ Python API for tests (`BatchStandin`):
                                 the directory that stood for that attempt's VM; a container
                                 volume "/mnt/disks/x:/x" is vm_root(...)/"mnt/disks/x"
   .containers() -> list         docker containers of this stand-in that still exist
+  .get_job(name), .list_jobs(parent, query), .get_task(job_name, i), .list_tasks(job_name, query)
+                                what the API answers, as REST JSON dicts (the job as the client
+                                sent it, enums included, plus name, uid, times and status);
+                                ApiError(404) for a job that does not exist (or no longer does)
 """
 
 from __future__ import annotations
@@ -329,7 +333,10 @@ class BatchStandin:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
-        self._serving = threading.Thread(target=self._server.serve_forever, name="batch-standin", daemon=True)
+        # A short poll interval: stop() waits up to one interval, after every test.
+        self._serving = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="batch-standin", daemon=True
+        )
         self._serving.start()
         return self
 

@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("google.cloud.batch_v1")  # the fixtures skip or fail with a reason; this keeps imports clean
 
+from batch_standin import BatchStandin, client_for  # noqa: E402
 from google.api_core import exceptions  # noqa: E402
 from google.cloud import batch_v1  # noqa: E402
 
@@ -152,8 +153,10 @@ def test_runnables_share_a_volume_and_always_run_runs_after_a_failure(batch_stan
     # Given write → read-and-fail → skipped → always_run, we should see the read, the failure's
     # exit code, no trace of the skipped runnable, and the always_run one's file.
     vol = ("/mnt/disks/pb:/pb",)
+    batch_standin.env["CLOUD_NOTE"] = "from-the-cloud"  # as the fixture passes STORAGE_EMULATOR_HOST
+    hi = batch_v1.Environment(variables={"GREETING": "hi"})  # the runnable's env wins over the task's
     j = job(
-        container('echo "$GREETING $BATCH_TASK_INDEX/$BATCH_TASK_COUNT" > /pb/msg', vol),
+        container('echo "$GREETING $BATCH_TASK_INDEX/$BATCH_TASK_COUNT $CLOUD_NOTE" > /pb/msg', vol, environment=hi),
         container("cat /pb/msg; exit 3", vol),
         container("touch /pb/skipped", vol),
         container("cp /pb/msg /pb/copied", vol, always_run=True),
@@ -162,9 +165,9 @@ def test_runnables_share_a_volume_and_always_run_runs_after_a_failure(batch_stan
     done = run(batch_api, "pb-volume", j)
     assert done.status.state.name == "FAILED"
     disk = batch_standin.vm_root("pb-volume") / "mnt/disks/pb"
-    assert (disk / "copied").read_text() == "hello 0/1\n"
+    assert (disk / "copied").read_text() == "hi 0/1 from-the-cloud\n"
     assert not (disk / "skipped").exists()
-    assert "hello 0/1" in batch_standin.log("pb-volume")
+    assert "hi 0/1 from-the-cloud" in batch_standin.log("pb-volume")
     assert task_exit_codes(batch_api, done.name) == [3]
     assert done.status.status_events[-1].task_execution.exit_code == 3
     assert dict(done.status.task_groups["group0"].counts) == {"FAILED": 1}
@@ -267,3 +270,41 @@ def test_cancel_and_delete_stop_the_running_container(batch_standin, batch_api, 
         assert batch_standin.wait_idle(20)
         with pytest.raises(exceptions.NotFound):
             batch_api.get_job(name=name)
+
+
+def test_background_runnables_end_with_the_vm(batch_standin, batch_api):
+    t = time.monotonic()
+    done = run(batch_api, "pb-bg", job(container("sleep 30", background=True), script("sleep 0.2; touch done")))
+    assert done.status.state.name == "SUCCEEDED" and time.monotonic() - t < 10
+    assert (batch_standin.vm_root("pb-bg") / "done").exists()
+    assert batch_standin.containers() == []
+
+
+def intervals(standin, job_id: str, tasks: int) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """(start, end) of each task of a job of `timed` runnables."""
+    return [tuple(map(float, (standin.vm_root(job_id, i) / "t").read_text().split())) for i in range(tasks)]
+
+
+timed = script("s=$(date +%s.%N); sleep 0.5; echo $s $(date +%s.%N) > t")
+
+
+def overlap(spans: list[tuple[float, float]]) -> bool:
+    spans = sorted(spans)
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_parallelism_of_a_task_group_and_of_the_standin(batch_standin, batch_api, tmp_path):
+    # Given three 0.5 s tasks, they should overlap by default and not with parallelism=1.
+    run(batch_api, "pb-wide", job(timed, task_count=3))
+    assert overlap(intervals(batch_standin, "pb-wide", 3))
+    narrow = job(timed, task_count=3)
+    narrow.task_groups[0].parallelism = 1
+    run(batch_api, "pb-narrow", narrow)
+    assert not overlap(intervals(batch_standin, "pb-narrow", 3))
+
+    # A stand-in with one slot runs one task at a time over all jobs.
+    with BatchStandin(tmp_path / "solo", parallelism=1) as solo, client_for(solo.endpoint) as api:
+        for i in range(2):
+            api.create_job(parent=PARENT, job=job(timed), job_id=f"pb-solo-{i}")
+        assert solo.wait_idle(20)
+        assert not overlap([intervals(solo, f"pb-solo-{i}", 1)[0] for i in range(2)])
