@@ -83,7 +83,8 @@ def test_create_get_list_with_label_filter_and_paging_then_delete(batch_standin,
     # Given five jobs, three labelled run=a, we should list exactly those three, two per page.
     for i in range(5):
         labels = {"run": "a" if i % 2 == 0 else "b", "n": str(i)}
-        batch_api.create_job(parent=PARENT, job=job(script("true"), labels=labels), job_id=f"pb-job-{i}")
+        created = batch_api.create_job(parent=PARENT, job=job(script("true"), labels=labels), job_id=f"pb-job-{i}")
+        assert created.status.state.name == "QUEUED"
     got = batch_api.get_job(name=f"{PARENT}/jobs/pb-job-0")
     assert got.name == f"{PARENT}/jobs/pb-job-0" and got.uid.startswith("pb-job-0-")
     assert got.create_time.year >= 2024 and dict(got.labels) == {"run": "a", "n": "0"}
@@ -144,6 +145,17 @@ def test_injected_429_raises_and_503_is_retried_by_get_job(batch_standin, batch_
     before = len(batch_standin.requests)
     assert batch_api.get_job(name=name).name == name
     assert batch_standin.requests[before:] == [("GET", f"/v1/{name}")] * 3
+
+
+def test_enums_are_read_as_integers_or_names():
+    # The client sends integers ($alt=json;enum-encoding=int); hand-written JSON may use names.
+    from batch_standin import ACTIONS, PROVISIONING_MODELS, _should_retry, enum_name
+
+    assert enum_name(2, PROVISIONING_MODELS) == enum_name("SPOT", PROVISIONING_MODELS) == "SPOT"
+    for action in (1, "RETRY_TASK"):
+        policy = [{"action": action, "actionCondition": {"exitCodes": [50001]}}]
+        assert _should_retry(50001, policy) and not _should_retry(1, policy)
+    assert enum_name("2", ACTIONS) == "FAIL_TASK"
 
 
 # -- what jobs do --------------------------------------------------------------------------
@@ -208,6 +220,10 @@ def test_default_policy_retries_any_failure_and_fail_task_does_not(batch_standin
     done = run(batch_api, "pb-flaky", job(flaky, max_retry_count=2))
     assert done.status.state.name == "SUCCEEDED"
     assert task_exit_codes(batch_api, done.name) == [1, 0]
+    task = batch_api.get_task(name=f"{done.name}/taskGroups/group0/tasks/0")
+    states = [e.task_state.name for e in task.status.status_events]
+    assert states == ["ASSIGNED", "RUNNING", "FAILED", "PENDING", "ASSIGNED", "RUNNING", "SUCCEEDED"]
+    assert done.update_time >= done.create_time
     assert (batch_standin.vm_root("pb-flaky", attempt=1) / "attempt").read_text() == "1\n"
     retries = [e for e in done.status.status_events if e.type_ == "TASK_RETRY"]
     assert [e.task_execution.exit_code for e in retries] == [1]
