@@ -378,7 +378,8 @@ class BatchStandin:
     def fail_next(self, status: int, times: int = 1, method: str | None = None, path_contains: str = "") -> None:
         """Answer the next `times` requests matching method and path with HTTP `status`."""
         with self._lock:
-            self._failures.append(_Rule(times, status=status, method=method, path_contains=path_contains))
+            rule = _Rule(times, status=status, method=method and method.upper(), path_contains=path_contains)
+            self._failures.append(rule)
 
     def preempt(self, times: int = 1, match: str = "", after: float = 0.0) -> None:
         """Preempt the next `times` attempts of Spot/preemptible jobs whose id contains `match`."""

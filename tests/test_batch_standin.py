@@ -324,3 +324,14 @@ def test_parallelism_of_a_task_group_and_of_the_standin(batch_standin, batch_api
             api.create_job(parent=PARENT, job=job(timed), job_id=f"pb-solo-{i}")
         assert solo.wait_idle(20)
         assert not overlap([intervals(solo, f"pb-solo-{i}", 1)[0] for i in range(2)])
+
+
+def test_concurrent_jobs_on_the_same_host_path_do_not_share_files(batch_standin, batch_api):
+    # Given two jobs at once that write, wait, then read the same /mnt/disks/pb/x, each should
+    # read back its own bytes, as on two VMs.
+    names = []
+    for who in ("left", "right"):
+        cmd = f"echo {who} > /pb/x; sleep 0.5; [ $(cat /pb/x) = {who} ]"
+        j = job(container(cmd, ("/mnt/disks/pb:/pb",)))
+        names.append(batch_api.create_job(parent=PARENT, job=j, job_id=f"pb-{who}").name)
+    assert [wait(batch_api, n, TERMINAL).status.state.name for n in names] == ["SUCCEEDED"] * 2
