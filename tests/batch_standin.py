@@ -458,7 +458,7 @@ class BatchStandin:
                 jobs.reverse()
             elif order not in ("", "create_time", "create_time asc"):
                 raise invalid(f"unsupported orderBy {order!r}")
-            found = [self._job_json(j) for j in jobs if all(_matches(self._job_json(j), t) for t in terms)]
+            found = [out for out in map(self._job_json, jobs) if all(_matches(out, t) for t in terms)]
         page, token = _page(found, query)
         return {"jobs": page, **({"nextPageToken": token} if token else {})}
 
@@ -466,18 +466,17 @@ class BatchStandin:
         """CancelJob (how="cancel") or DeleteJob (how="delete"): kill what runs, then answer."""
         with self._lock:
             job = self._job(name)
-            if how == "cancel" and job.state in TERMINAL_JOB:
-                raise ApiError(400, f"Job {name} is already {job.state}", "FAILED_PRECONDITION")
-            if how == "delete" or job.stopping is None:
-                job.stopping = how
-            if not job.done:
+            if how == "cancel" and (job.state in TERMINAL_JOB or job.stopping == "delete"):
+                raise ApiError(400, f"Job {name} is {job.state}", "FAILED_PRECONDITION")
+            if job.stopping != how and not job.done:
                 self._set_job_state(job, "DELETION_IN_PROGRESS" if how == "delete" else "CANCELLATION_IN_PROGRESS")
-            elif how == "delete":
+            job.stopping = how
+            if job.done and how == "delete":
                 self._forget(job)
             attempts = list(job.attempts.values())
+            self._ops += 1
         for a in attempts:
             a.stop(Stop.CANCELLED)
-        self._ops += 1
         loc = name.split("/jobs/")[0]
         response = "google.protobuf.Empty" if how == "delete" else "google.cloud.batch.v1.CancelJobResponse"
         return {
@@ -994,6 +993,8 @@ def _handler(standin: BatchStandin) -> type[BaseHTTPRequestHandler]:
                 raise ApiError(404, f"no such resource or method: {self.command} {url.path}")
             except ApiError as e:
                 self._answer(e.code, e.body())
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a malformed body
+                self._answer(400, invalid(f"malformed request: {e!r}").body())
 
         do_GET = do_POST = do_DELETE = do_PATCH = _dispatch
 

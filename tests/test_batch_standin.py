@@ -125,13 +125,24 @@ def test_not_emulated_features_are_rejected(batch_standin, batch_api):
     assert batch_standin.created == []
 
 
-def test_unknown_path_is_404_in_google_error_format(batch_standin):
-    # The client cannot send this request, so plain HTTP.
+def test_unknown_path_is_404_and_a_malformed_body_400_in_google_error_format(batch_standin):
+    # The client cannot send these requests, so plain HTTP.
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{batch_standin.endpoint}/v1/{PARENT}/queues/q1", timeout=5)
     body = json.loads(e.value.read())
     e.value.close()
     assert e.value.code == 404 and body["error"]["code"] == 404 and body["error"]["status"] == "NOT_FOUND"
+
+    bad = json.dumps({"taskGroups": [{"taskCount": "many", "taskSpec": {"runnables": [{"script": {"text": "true"}}]}}]})
+    request = urllib.request.Request(
+        f"{batch_standin.endpoint}/v1/{PARENT}/jobs?jobId=pb-bad", bad.encode(), method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=5)
+    body = json.loads(e.value.read())
+    e.value.close()
+    assert e.value.code == 400 and body["error"]["status"] == "INVALID_ARGUMENT"
+    assert batch_standin.created == []
 
 
 def test_injected_429_raises_and_503_is_retried_by_get_job(batch_standin, batch_api):
