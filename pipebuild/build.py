@@ -298,8 +298,14 @@ class _Build:
         self.remote: RemoteCache | None = None
         if options.remote_cache:
             self.remote = RemoteCache(options.remote_cache, options.remote_cache_read_only, reporter.warning)
+            known = getattr(self.executor, "remote_blobs", None)  # what a remote executor stored there
+            if known is not None and getattr(self.executor, "cache_url", None) == self.remote.url:
+                self.remote.present = known
         self._redo_lock = threading.RLock()  # a rerun producer may need its own producer rerun
         self.docker_flags = str(getattr(self.executor, "flags", "") or "")
+        self.default_image: str | None = getattr(self.executor, "default_image", None)
+        if hasattr(self.executor, "warn"):  # an executor with things to say (Cloud Batch) says them here
+            setattr(self.executor, "warn", reporter.warning)  # noqa: B010
         self.keys: list[str | None] = [None] * n
         # Producers whose recorded output could not be found or remade: their traces and
         # action-cache rows are dropped at the end, so the next build runs them.
@@ -416,7 +422,7 @@ class _Build:
                 if d is None:
                     continue  # the producer failed and this task is always_run
             inputs.append((inp.relpath, inp.display, d))  # type: ignore[arg-type]
-        rdigest, key = _keys(node, _image(self.images, node, self.docker_flags), inputs)
+        rdigest, key = _keys(node, _image(self.images, node, self.docker_flags, self.default_image), inputs)
         self.keys[i] = key
         dec = self.rebuilder.check(node, key, rdigest, inputs)
         self.result.reasons[node.name] = dec.reason
@@ -517,11 +523,13 @@ class _Build:
         out = _Outcome()
         opts = self.options
         workdir = os.path.join(self.ws.tmp, safe_name(node.name))
+        staged: list[tuple[str, str]] = []
         try:
-            out.blobs.extend(self._prepare(node, workdir))
+            out.blobs.extend(self._prepare(node, workdir, staged))
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
+        task = node.task
         job = Job(
             name=node.name,
             dir=workdir,
@@ -530,6 +538,12 @@ class _Build:
             stderr=self._log(node, "err"),
             timeout=node.timeout,
             image=node.image,
+            inputs=staged,
+            outputs=[o.relpath for o in node.outputs],
+            cpu=task._cpu,
+            memory=task._memory,
+            storage=task._storage,
+            key=key,
         )
         res: JobResult = self.executor.run(job)
         out.seconds = time.perf_counter() - t0
@@ -555,8 +569,9 @@ class _Build:
                 self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
 
-    def _prepare(self, node: Node, workdir: str) -> list[tuple[str, int]]:
-        """Lay out the task directory; returns the blobs it added to the store.
+    def _prepare(self, node: Node, workdir: str, staged: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        """Lay out the task directory; returns the blobs it added to the store, and appends
+        each input's (relpath, digest) to `staged`.
 
         A source file is copied into the store (once per content) and the task gets a link
         to that read-only copy, never to the user's file: a command that writes into its
@@ -582,6 +597,8 @@ class _Build:
                 if d is None:
                     continue
                 src = self._blob_for(inp.producer, inp.producer_relpath, d)
+                digest = d
+            staged.append((inp.relpath, digest))
             dst = os.path.join(workdir, inp.relpath)
             parent = os.path.dirname(dst)
             if parent not in made:
@@ -664,28 +681,37 @@ def task_script(node: Node, trace: bool = False) -> str:
 
 
 def _default_executor(pipeline: Pipeline | None) -> Executor:
-    """Bash on the host, and Docker for tasks with an image (settings from a LocalBackend)."""
+    """The backend's own executor (BatchBackend), else bash on the host and Docker for tasks
+    with an image (settings from a LocalBackend)."""
+    backend = pipeline._backend if pipeline is not None else None
+    own = getattr(backend, "_executor", None)
+    if own is not None:
+        executor: Executor = own()
+        return executor
     from .executors.docker import default_executor
 
-    return default_executor(pipeline._backend if pipeline is not None else None)
+    return default_executor(backend)
 
 
 def _resolve_images(executor: Executor, graph: Graph, selected: list[bool], workspace: str | None) -> dict[str, str]:
     """Let the executor check what the selected tasks need before any runs: {image: image ID}."""
     prepare = getattr(executor, "prepare", None)
-    nodes = [n for n in graph.nodes if n.image and selected[n.index]]
+    remote = getattr(executor, "default_image", None) is not None  # every task has an image there
+    nodes = [n for n in graph.nodes if (n.image or remote) and selected[n.index]]
     if prepare is None or not nodes:
         return {}
     images: dict[str, str] = prepare(nodes, workspace)
     return images
 
 
-def _image(images: dict[str, str], node: Node, flags: str = "") -> str | None:
+def _image(images: dict[str, str], node: Node, flags: str = "", default: str | None = None) -> str | None:
     """What the action key says of the task's image: its ID where known, else its name, and
-    the extra `docker run` flags (an `-e VAR=...` there can change what the task writes)."""
-    if not node.image:
+    the extra `docker run` flags (an `-e VAR=...` there can change what the task writes).
+    `default` is the image an executor runs imageless tasks in (Cloud Batch), if any."""
+    image = node.image or default
+    if not image:
         return None
-    base = images.get(node.image, node.image)
+    base = images.get(image, image)
     return f"{base} {flags}" if flags else base
 
 
@@ -802,7 +828,7 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
                 stale_by[node.index] = node.name
                 rows.append((node.name, "cannot run", f"input file {missing} does not exist"))
                 continue
-            rdigest, key = _keys(node, _image(images, node, flags), inputs)
+            rdigest, key = _keys(node, _image(images, node, flags, getattr(executor, "default_image", None)), inputs)
             dec = rebuilder.check(node, key, rdigest, inputs)
             if dec.action is Action.RUN:
                 stale_by[node.index] = node.name

@@ -67,6 +67,33 @@ VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Also print sk
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write every event as one JSON object per line on stdout.")]
 
 
+class BackendName(str, Enum):
+    """Where tasks run."""
+
+    local = "local"
+    batch = "batch"
+
+
+BackendOpt = Annotated[
+    BackendName | None,
+    typer.Option(
+        "--backend",
+        help="Run tasks here (local) or on Google Cloud Batch (batch; settings from BatchBackend or "
+        "PIPEBUILD_BATCH_*). Default: the Pipefile's backend.",
+    ),
+]
+
+
+def _use_backend(pipeline: Pipeline, name: BackendName | None) -> None:
+    """Put the chosen backend on the pipeline, unless it already has one of that kind."""
+    from .backend import BatchBackend, LocalBackend
+
+    if name is BackendName.batch and not isinstance(pipeline._backend, BatchBackend):
+        pipeline._backend = BatchBackend()
+    elif name is BackendName.local and not isinstance(pipeline._backend, LocalBackend):
+        pipeline._backend = LocalBackend()
+
+
 def _fail(message: str, code: Exit = Exit.USAGE) -> NoReturn:
     typer.echo(f"pipebuild: {message}", err=True)
     raise typer.Exit(int(code))
@@ -138,18 +165,20 @@ def make(
             help="Read the remote cache, never write it (or PIPEBUILD_REMOTE_CACHE_READ_ONLY=1).",
         ),
     ] = False,
+    backend: BackendOpt = None,
     file: FileOpt = None,
     directory: DirOpt = None,
 ) -> None:
     """Build targets, running only the tasks that are stale."""
     _check_jobs(jobs)
     pipeline = _load(file, directory)
+    _use_backend(pipeline, backend)
     from . import build
 
     force_all = force and not targets
     verbosity = _verbosity(quiet, verbose)
     opts = _build_options(
-        jobs,
+        jobs or getattr(pipeline._backend, "_jobs", None) or getattr(pipeline._backend, "default_jobs", None),
         keep_going,
         explain,
         verbosity,
@@ -172,6 +201,14 @@ def make(
                 typer.echo(f"{what:10} {name:{width}}  {reason}")
         todo = sum(1 for _, what, _ in rows if what != "skip")
         typer.echo(f"pipebuild: {todo} of {len(rows)} tasks would run or be restored")
+        own = getattr(pipeline._backend, "_executor", None)
+        if own is not None:
+            from .executors.batch import dry_run as batch_dry_run
+
+            opts.executor = own()
+            typer.echo("\n# The Cloud Batch jobs these targets would submit:")
+            typer.echo(batch_dry_run(pipeline, opts), nl=False)
+            return
         typer.echo("\n# The script that builds these targets from scratch:")
         typer.echo(build.script(pipeline, opts), nl=False)
         return

@@ -77,7 +77,7 @@ def _client() -> Any:
     client = getattr(_local, "client", None)
     if client is None or getattr(_local, "key", None) != key:
         try:
-            from google.cloud import storage  # type: ignore[import-untyped]
+            from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]
         except ImportError:
             raise GcsError(
                 "gs:// paths need the 'google-cloud-storage' package: pip install 'pipebuild[gcs]'"

@@ -84,6 +84,8 @@ class RemoteCache:
         self.hits = 0
         self.fetched: list[str] = []
         self.uploaded: list[str] = []
+        # Blobs known to be in the cache already (fetched, or stored there by a remote executor).
+        self.present: set[str] = set()
 
     # -- names ---------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class RemoteCache:
             cas.put(tmp, digest)
             with self._lock:
                 self.fetched.append(digest)
+                self.present.add(digest)
             return w.size
         finally:
             if os.path.exists(tmp):
@@ -186,7 +189,7 @@ class RemoteCache:
         try:
             from google.api_core import exceptions as gexc
 
-            for digest in sorted(set(outputs.values())):
+            for digest in sorted(set(outputs.values()) - self.present):
                 path = cas.path(digest)
                 blob = self._blob("cas", digest)
                 size = os.path.getsize(path)

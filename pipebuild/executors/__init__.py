@@ -19,6 +19,13 @@ class Job:
     timeout: float | None = None
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # What a remote executor needs to stage the directory elsewhere (executors/batch.py):
+    inputs: list[tuple[str, str]] = field(default_factory=list)  # (relpath in dir, digest)
+    outputs: list[str] = field(default_factory=list)  # relpaths the task may write
+    cpu: str | float | None = None  # the task's requests, as the user wrote them
+    memory: str | float | None = None
+    storage: str | float | None = None
+    key: str | None = None  # the action key
 
 
 STOPPED = "stopped"
