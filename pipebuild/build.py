@@ -771,7 +771,11 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
     try:
         ws.recover(graph)
         try:
-            result = _Build(graph, selected, options, ws, reporter).run()
+            b = _Build(graph, selected, options, ws, reporter)
+            recover = getattr(b.executor, "recover", None)  # jobs a killed build left on a remote executor
+            if recover is not None:
+                recover(ws.dir)
+            result = b.run()
         except BaseException:
             ws.remove_temps(graph)  # still alive: clean up now rather than next time
             raise

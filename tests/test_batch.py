@@ -518,3 +518,31 @@ def test_contract_real_cloud_batch(tmp_path, monkeypatch):
     assert (tmp_path / "out.txt").read_text() == "CONTRACT\n"
     again, _ = run(tmp_path, p)
     assert again.ran == [] and again.up_to_date == ["upper"]
+
+
+def test_jobs_left_by_a_killed_build_are_deleted_by_the_next(cloud, tmp_path):
+    standin, bucket = cloud
+    (tmp_path / "Pipefile.py").write_text(PIPEFILE)
+    (tmp_path / "in.txt").write_text("hi\n")
+    env = dict(os.environ, PIPEBUILD_BATCH_PROJECT=PROJECT, PIPEBUILD_BATCH_BUCKET=bucket.name, CI="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipebuild", "make", "--backend", "batch", "out/slow.txt"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not standin.containers() or not standin.created:
+            assert time.monotonic() < deadline and proc.poll() is None, "the job never started"
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no chance to delete anything
+        proc.wait()
+    orphan = standin.created[0]
+    assert standin.get_job(orphan)["status"]["state"] in ("SCHEDULED", "RUNNING")
+    r = cli(["make", "--backend", "batch", "out/shout.txt"], tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    assert "deleted the 1 Cloud Batch job(s) an interrupted build had submitted" in r.stderr + r.stdout
+    assert ("DELETE", f"/v1/{orphan}") in [(m, p.split("?")[0]) for m, p in standin.requests]
+    assert standin.wait_idle(30)
+    assert standin.containers() == []
+    assert (tmp_path / ".pipebuild" / "batch-jobs").read_text() == ""

@@ -359,6 +359,7 @@ class BatchExecutor:
         # RemoteCache, which then does not upload them again.
         self.remote_blobs: set[str] = set()
         self.submitted: list[str] = []  # job ids, for tests and reports
+        self._journal: str | None = None  # the workspace's list of active jobs (see recover)
 
     @property
     def cache_url(self) -> str:
@@ -386,6 +387,33 @@ class BatchExecutor:
         return gcs._client().bucket(self.settings.bucket)
 
     # -- the Executor protocol -----------------------------------------------------
+
+    def recover(self, state_dir: str) -> None:
+        """Delete the jobs an earlier build in this workspace left running when it was killed
+        (`kill -9`, a lost machine), and keep this build's active jobs in the same journal,
+        `.pipebuild/batch-jobs`: one job name per line, written before each create."""
+        path = os.path.join(state_dir, "batch-jobs")
+        try:
+            with open(path) as f:
+                orphans = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            orphans = []
+        if orphans:
+            for name in orphans:
+                self._delete(name)
+            self.warn(f"pipebuild: deleted the {len(orphans)} Cloud Batch job(s) an interrupted build had submitted")
+        self._journal = path
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        if self._journal is None:
+            return
+        with self._lock:
+            names = sorted(self._active)
+            tmp = self._journal + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(n + "\n" for n in names))
+            os.replace(tmp, self._journal)
 
     def prepare(self, nodes: list[Any], workspace: str | None = None) -> dict[str, str]:
         """Check every selected task's requests before anything is submitted. Images are
@@ -425,6 +453,7 @@ class BatchExecutor:
                 if self._cancelled.is_set():
                     return JobResult(130, error="interrupted")
                 self._active[name] = job.name
+            self._write_journal()  # before the create: a build killed now still knows the job
             try:
                 err = self._create(job_id, spec)
                 if err is not None:
@@ -437,6 +466,7 @@ class BatchExecutor:
             finally:
                 with self._lock:
                     self._active.pop(name, None)
+                self._write_journal()
             if done is None or name in self._stopped:
                 return JobResult(130, error="interrupted") if self._cancelled.is_set() else JobResult(1, error=STOPPED)
             state = _state(done)
