@@ -10,7 +10,9 @@ there, which is fine) and never overwritten, so a racing or retried writer canno
 an entry, and what a key names never changes. Blobs go up before the entry that names them.
 
 Reading: the rebuilder asks `lookup(key)` only when the local traces and action cache do
-not answer, so a no-op build makes no remote request. A hit names digests; blobs are
+not answer, so a no-op build makes no remote request. An entry counts as a hit only if
+every blob it names is still in `cas/` (a metadata request each, so an expired blob means
+a miss rather than a consumer that cannot get its input). A hit names digests; blobs are
 fetched lazily (`fetch`), only when a destination must be published or a task that runs
 needs the file as an input, and each one is hashed on the way in: a blob whose bytes do not
 match its name is rejected with a one-line warning and deleted locally, and the work is
@@ -133,6 +135,18 @@ class RemoteCache:
             ok = False
         if not ok:
             self._warn(f"pipebuild: warning: remote cache entry {self.url}/ac/{key} is malformed; ignoring it")
+            return None
+        # An entry is only as good as its blobs: one that a lifecycle rule (or a person)
+        # removed makes the entry a miss, so the task runs here instead of promising bytes
+        # that a consumer would later fail to fetch.
+        try:
+            for digest in sorted(set(outs.values()) - self.present):
+                if not self._blob("cas", digest).exists(timeout=TIMEOUT, retry=_retry()):
+                    return None
+                with self._lock:
+                    self.present.add(digest)
+        except Exception as e:  # noqa: BLE001 - api_core, auth and transport errors
+            self._fail(f"read cas/ for ac/{key}", e)
             return None
         self.hits += 1
         result: dict[str, str] = outs

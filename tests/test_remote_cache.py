@@ -365,3 +365,35 @@ def test_an_unreproducible_producer_whose_blob_is_gone_everywhere_recovers_next_
     second = run(url)  # ...but stamp's stale trace was dropped, so this build runs it properly
     assert not second.failed and second.ran == ["stamp", "report"]
     assert (root / "out/report.txt").read_text().endswith("3\n")
+
+
+def test_an_entry_whose_blob_expired_is_a_miss_not_a_broken_build(bucket, url, tmp_path):
+    """Given ac/ entries whose cas/ blob a lifecycle rule deleted, and a producer that never
+    writes the same bytes twice, a fresh workspace should run the producer rather than trust
+    the entry, and its consumer should get the new bytes: no failed build, now or later."""
+
+    def noisy(extra: str) -> Pipeline:
+        p = Pipeline()
+        stamp = p.new_task(name="stamp")
+        stamp.command(f"date +%s%N > {stamp.ofile}")  # never the same bytes twice
+        report = p.new_task(name="report")
+        report.command(f"cat {stamp.ofile} > {report.ofile}; echo {extra} >> {report.ofile}")
+        p.write_output(report.ofile, "out/report.txt")
+        return p
+
+    def run(root: Path, extra: str):  # type: ignore[no-untyped-def]
+        root.mkdir(exist_ok=True)
+        opts = pbuild.Options(workspace=str(root), jobs=1, remote_cache=url, reporter=Warnings())
+        return pbuild.build(noisy(extra), opts)
+
+    assert run(tmp_path / "a", "one").ran == ["stamp", "report"]
+    stamp_blob = [
+        n for n in objects(bucket) if "/cas/" in n and n.split("/")[-1] != digest_of(tmp_path / "a/out/report.txt")
+    ]
+    assert len(stamp_blob) == 1
+    bucket.blob(stamp_blob[0]).delete()  # expired; ac/ still names it
+    for _ in range(2):
+        r = run(tmp_path / "b", "two")  # report's command changed: it must run, and needs stamp's output
+        assert not r.failed, r.failed
+    first = (tmp_path / "b/out/report.txt").read_text().splitlines()
+    assert first[1] == "two" and first[0].isdigit()
