@@ -131,7 +131,8 @@ class BatchBackend(Backend):
     (runtime/Dockerfile). Tasks without an image run in `default_image` (`ubuntu:latest`,
     as in hail). `spot=True` uses Spot VMs: Batch retries a preempted task `spot_retries`
     times, then pipebuild runs it once on a standard VM. `jobs` (default 64) bounds the
-    jobs active at once. `p.run(wait=False)` returns a `BatchRun` at once; `dry_run=True`
+    jobs active at once. Polls start every `poll_interval` seconds and back off to
+    `poll_max`; API errors are retried for `api_deadline` seconds before a task fails. `p.run(wait=False)` returns a `BatchRun` at once; `dry_run=True`
     prints the job specs and submits nothing.
     """
 
@@ -156,6 +157,7 @@ class BatchBackend(Backend):
         remote_cache_read_only: bool = False,
         poll_interval: float = 2.0,
         poll_max: float = 30.0,
+        api_deadline: float = 600.0,
     ) -> None:
         if billing_project and project and billing_project != project:
             raise PipelineException(f"billing_project '{billing_project}' and project '{project}' differ")
@@ -177,6 +179,7 @@ class BatchBackend(Backend):
         self._keep_going = keep_going
         self._remote_cache_read_only = remote_cache_read_only
         self._poll = (poll_interval, poll_max)
+        self._api_deadline = api_deadline
         self.default_jobs = 64
 
     def _settings(self) -> Any:
@@ -202,6 +205,7 @@ class BatchBackend(Backend):
             labels=self._labels,
             poll_interval=self._poll[0],
             poll_max=self._poll[1],
+            api_deadline=self._api_deadline,
         )
 
     def _bucket_prefix(self) -> tuple[str, str]:

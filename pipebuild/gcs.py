@@ -182,6 +182,52 @@ def upload_stream(f: IO[bytes], size: int, url: str) -> tuple[str, int, int, int
     return (url, int(blob.size if blob.size is not None else size), int(blob.generation or 0), _crc(blob))
 
 
+def crc32c_file(path: str) -> int:
+    """The CRC32C of a file, as GCS reports it for an object."""
+    import google_crc32c  # installed with google-cloud-storage
+
+    c: Any = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            c.update(block)
+    return int.from_bytes(c.digest(), "big")
+
+
+def put_file(bucket: Any, name: str, path: str, **req: Any) -> str:
+    """Store a content-named file as `name` without clobbering a good copy: 'created', or
+    'present' when an object with the same size and crc32c is there, or 'replaced' when
+    the object there holds other bytes (it is swapped, conditional on its generation, so
+    a concurrent writer's good copy is never overwritten twice). `req`: timeout, retry."""
+    from google.api_core import exceptions as gexc
+
+    size = os.path.getsize(path)
+    existing = bucket.get_blob(name, **req) if size > CHUNK else None  # do not send a big file twice
+    if existing is None:
+        blob = bucket.blob(name)
+        blob.chunk_size = CHUNK
+        try:
+            blob.upload_from_filename(
+                path, if_generation_match=0, checksum="crc32c", content_type="application/octet-stream", **req
+            )
+            return "created"
+        except gexc.PreconditionFailed:
+            existing = bucket.get_blob(name, **req)
+            if existing is None:
+                return "present"  # deleted in between: leave it to the next writer
+    if int(existing.size or 0) == size and _crc(existing) == crc32c_file(path):
+        return "present"
+    blob = bucket.blob(name)
+    blob.chunk_size = CHUNK
+    try:
+        blob.upload_from_filename(
+            path, if_generation_match=existing.generation, checksum="crc32c",
+            content_type="application/octet-stream", **req,
+        )  # fmt: skip
+    except gexc.PreconditionFailed:
+        pass  # another writer replaced it first
+    return "replaced"
+
+
 class RemoteStatCache(StatCache):
     """A StatCache that answers gs:// paths from object metadata (see the module docstring).
 

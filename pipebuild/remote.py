@@ -88,6 +88,7 @@ class RemoteCache:
         self.uploaded: list[str] = []
         # Blobs known to be in the cache already (fetched, or stored there by a remote executor).
         self.present: set[str] = set()
+        self.rejected: set[str] = set()  # blobs found bad here (already warned about)
 
     # -- names ---------------------------------------------------------------------
 
@@ -177,6 +178,9 @@ class RemoteCache:
                     return None
             got = w.h.hexdigest()
             if got != digest:
+                with self._lock:
+                    self.present.discard(digest)  # there, but bad: the next upload replaces it
+                    self.rejected.add(digest)
                 self._warn(
                     f"pipebuild: warning: remote cache blob {self.url}/cas/{digest} does not match its digest "
                     f"(got {got}); rejected, the work is done again"
@@ -203,23 +207,18 @@ class RemoteCache:
         try:
             from google.api_core import exceptions as gexc
 
+            bucket = gcs._client().bucket(self.bucket)
             for digest in sorted(set(outputs.values()) - self.present):
-                path = cas.path(digest)
-                blob = self._blob("cas", digest)
-                size = os.path.getsize(path)
-                if size > gcs.CHUNK and blob.exists(timeout=TIMEOUT, retry=_retry()):
-                    continue  # do not send a large blob the cache already has
-                blob.chunk_size = gcs.CHUNK
-                try:
-                    with open(path, "rb") as f:
-                        blob.upload_from_file(
-                            f, size=size, if_generation_match=0, checksum="crc32c",
-                            content_type="application/octet-stream", timeout=TIMEOUT, retry=_retry(),
-                        )  # fmt: skip
+                how = gcs.put_file(bucket, self._name("cas", digest), cas.path(digest), timeout=TIMEOUT, retry=_retry())
+                if how == "replaced" and digest not in self.rejected:
+                    self._warn(
+                        f"pipebuild: warning: remote cache blob {self.url}/cas/{digest} held other bytes; replaced"
+                    )
+                if how != "present":
                     with self._lock:
                         self.uploaded.append(self._name("cas", digest))
-                except gexc.PreconditionFailed:
-                    pass  # already there: blobs are named by content
+                with self._lock:
+                    self.present.add(digest)
             entry = json.dumps(outputs, sort_keys=True).encode()
             try:
                 self._blob("ac", key).upload_from_string(

@@ -93,14 +93,10 @@ def stage_in(m: dict[str, Any], root: str = "/pb") -> int:
 
 
 def _put(bucket: Any, name: str, path: str) -> None:
-    from google.api_core import exceptions as gexc
+    from .gcs import put_file
 
-    blob = bucket.blob(name)
-    blob.chunk_size = 8 << 20
-    try:
-        blob.upload_from_filename(path, if_generation_match=0, checksum="crc32c")
-    except gexc.PreconditionFailed:
-        pass  # named by content: already there
+    if put_file(bucket, name, path) == "replaced":
+        print(f"pipebuild stage-out: {name} held other bytes; replaced", file=sys.stderr)
 
 
 def stage_out(m: dict[str, Any], root: str = "/pb") -> int:

@@ -16,6 +16,7 @@ by .ci/run) turns a skip into a failure.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -331,7 +332,7 @@ def test_a_create_that_meets_409_is_not_a_failure(cloud, tmp_path):
     assert [r[0] for r in job_requests(standin)].count("POST") == 2
 
 
-def test_polling_lists_by_label_instead_of_getting_each_job(cloud, tmp_path):
+def test_polling_lists_active_jobs_by_label_instead_of_getting_each_job(cloud, tmp_path):
     standin, bucket = cloud
     p = Pipeline(name="wide", backend=backend(bucket))
     for i in range(12):
@@ -341,11 +342,11 @@ def test_polling_lists_by_label_instead_of_getting_each_job(cloud, tmp_path):
     result, log = run(tmp_path, p)
     assert result.ok, log
     reqs = job_requests(standin)
-    gets = [r for r in reqs if r[0] == "GET" and r[1].rstrip("/").split("/")[-2] == "jobs"]
-    lists = [r for r in reqs if r[0] == "GET" and r[1].rstrip("/").endswith("/jobs")]
+    gets = [r for r in reqs if r[0] == "GET" and r[1].split("?")[0].rstrip("/").split("/")[-2] == "jobs"]
+    lists = [r for r in reqs if r[0] == "GET" and r[1].split("?")[0].rstrip("/").endswith("/jobs")]
     assert len(standin.created) == 12
-    assert gets == []
-    assert lists and len(lists) < 12 * 10
+    assert len(gets) <= 2 * 12  # about one per job, when it has ended
+    assert lists and len(lists) % 5 == 0  # one list per active state, per poll
 
 
 def test_cancel_deletes_the_run_jobs_and_their_containers(cloud, tmp_path):
@@ -398,22 +399,117 @@ def test_a_large_script_travels_through_the_bucket(cloud, tmp_path):
     assert any(n.endswith("/manifest.json") for n in objects(bucket, "cache/runs/"))
 
 
-def test_a_corrupt_input_blob_is_rejected_on_the_vm(cloud, tmp_path):
-    standin, bucket = cloud
-    (tmp_path / "in.txt").write_text("genuine\n")
-    from pipebuild.hashing import hash_file
+def test_corrupt_blobs_in_the_bucket_are_replaced_and_the_work_done(cloud, tmp_path):
+    """A blob whose name lies, for an input (replaced by the client before it submits) and
+    for an output (replaced by stage-out on the VM): the build succeeds with the right bytes."""
+    _, bucket = cloud
+    from pipebuild.hashing import digest_str, hash_file
 
+    (tmp_path / "in.txt").write_text("genuine\n")
     digest = hash_file(str(tmp_path / "in.txt"))
-    bucket.blob(f"cache/cas/{digest}").upload_from_string(b"forged\n")  # a blob whose name lies
+    bucket.blob(f"cache/cas/{digest}").upload_from_string(b"forged\n")
+    out_digest = digest_str("GENUINE\n")
+    bucket.blob(f"cache/cas/{out_digest}").upload_from_string(b"FORGED\n")
     p = Pipeline(name="corrupt", backend=backend(bucket))
     src = p.read_input(str(tmp_path / "in.txt"))
     t = p.new_task(name="reader")
-    t.command(f"cat {src} > {t.ofile}")
+    t.command(f"tr a-z A-Z < {src} > {t.ofile}")
     p.write_output(t.ofile, str(tmp_path / "x"))
-    result, _ = run(tmp_path, p)
-    assert [f.name for f in result.failed] == ["reader"]
-    assert result.failed[0].detail.startswith("infrastructure failure: stage-in: input in/in.txt")
-    assert not (tmp_path / "x").exists()
+    result, log = run(tmp_path, p)
+    assert result.ok, log
+    assert (tmp_path / "x").read_text() == "GENUINE\n"
+    assert f"cache/cas/{digest} held other bytes; replaced" in log
+    assert bucket.blob(f"cache/cas/{digest}").download_as_bytes() == b"genuine\n"
+    assert bucket.blob(f"cache/cas/{out_digest}").download_as_bytes() == b"GENUINE\n"
+
+
+def test_an_api_that_keeps_failing_fails_the_task_and_deletes_its_job(cloud, tmp_path):
+    standin, bucket = cloud
+    p = Pipeline(name="blind", backend=backend(bucket, api_deadline=1.0))
+    t = p.new_task(name="unseen")
+    t.command(f"sleep 5; touch {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "x"))
+    standin.fail_next(403, times=10_000, method="GET", path_contains="/jobs")  # e.g. expired credentials
+    t0 = time.monotonic()
+    result, log = run(tmp_path, p)
+    assert time.monotonic() - t0 < 30
+    assert [f.name for f in result.failed] == ["unseen"]
+    assert result.failed[0].detail.startswith("infrastructure failure: cannot follow Cloud Batch job pb-unseen-")
+    assert "warning: cannot follow Cloud Batch jobs" in log
+    assert ("DELETE", f"/v1/{standin.created[0]}") in [(m, q.split("?")[0]) for m, q in standin.requests]
+    assert (tmp_path / ".pipebuild" / "batch-jobs").read_text() == ""
+
+
+class StubClient:
+    """A Batch client whose create lets a Ctrl-C land while the request is in flight."""
+
+    def __init__(self, executor: BatchExecutor) -> None:
+        self.executor = executor
+        self.calls: list[tuple[str, str]] = []
+
+    def create_job(self, parent: str, job, job_id: str):  # type: ignore[no-untyped-def]
+        self.calls.append(("create", job_id))
+        self.executor.cancel_all()  # Ctrl-C, while the create is on the wire
+        return job
+
+    def delete_job(self, name: str):  # type: ignore[no-untyped-def]
+        self.calls.append(("delete", name.rsplit("/", 1)[1]))
+
+
+def test_ctrl_c_during_a_create_deletes_the_job_it_created(tmp_path, monkeypatch):
+    ex = BatchExecutor(settings(), client=None)
+    ex._client = StubClient(ex)
+    monkeypatch.setattr(ex, "_upload_inputs", lambda job: None)
+    monkeypatch.setattr(ex, "_manifest", lambda job, job_id: {})
+    res = ex.run(Job("t", str(tmp_path), "true\n", "", "", image=IMAGE, key="ef" * 16))
+    assert res.error == "interrupted"
+    (create, cid), (delete, did) = ex._client.calls
+    assert (create, delete) == ("create", "delete") and cid == did
+
+
+def event(code: int) -> dict:  # type: ignore[type-arg]
+    return {"description": f"task failed with {code}", "taskExecution": {"exitCode": code}}
+
+
+@pytest.mark.parametrize(
+    ("state", "result", "code", "timeout", "want"),
+    [
+        ("FAILED", {"rc": 3, "staged": True}, 3, None, "exit 3"),
+        ("FAILED", {"rc": 137, "staged": True}, 137, 60, "exit 137"),  # killed (OOM): not a timeout
+        ("FAILED", {"rc": None, "staged": True}, 50005, 60, "timed out"),
+        ("FAILED", {"rc": None, "staged": True}, 50002, 60, "infrastructure failure: the VM stopped reporting"),
+        ("FAILED", {"rc": None, "staged": True}, 50003, None, "infrastructure failure: the VM rebooted"),
+        (
+            "FAILED",
+            {"rc": None, "staged": False, "error": "NotFound: 404"},
+            3,
+            None,
+            "infrastructure failure: stage-in: NotFound",
+        ),
+        ("FAILED", None, 4, None, "infrastructure failure: Cloud Batch job pb-j FAILED (exit code 4)"),
+        ("FAILED", {"rc": 0, "staged": True}, 4, 60, "infrastructure failure: stage-out could not store"),
+        ("CANCELLED", None, None, None, "the Cloud Batch job pb-j was cancelled or deleted"),
+    ],
+)
+def test_how_a_finished_job_is_reported(state, result, code, timeout, want, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    from google.cloud import batch_v1
+
+    ex = BatchExecutor(settings())
+    monkeypatch.setattr(ex, "_read_result", lambda job_id: result)
+    monkeypatch.setattr(ex, "_fetch_logs", lambda job, result: None)
+    done = batch_v1.Job.from_json(
+        json.dumps({"status": {"state": state, "statusEvents": [event(code)] if code else []}}),
+        ignore_unknown_fields=True,
+    )
+    job = Job("t", str(tmp_path), "", "", "", timeout=timeout)
+    res = ex._result(job, "pb-j", state, code, done)
+    if want.startswith("exit "):
+        assert (res.exit_code, res.error, res.timed_out) == (int(want[5:]), None, False)
+    elif want == "timed out":
+        assert res.timed_out and res.error is None
+    else:
+        assert res.error is not None and res.error.startswith(want), res.error
+        assert not res.timed_out
 
 
 # -- the command line ------------------------------------------------------------------

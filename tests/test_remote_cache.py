@@ -219,6 +219,11 @@ def test_corrupted_remote_blob_is_rejected_and_the_task_reruns(bucket, url, tmp_
     blob = b / ".pipebuild" / "cas" / d[:2] / d[2:]
     assert blob.read_bytes() == b"ALPHA\nBRAVO\n"  # the rerun's output, not the tampered bytes
     assert not any((b / ".pipebuild" / "cas" / "tmp").iterdir())
+    # ...and the bucket is repaired, so the next machine gets the right bytes without a rerun.
+    assert bucket.blob(f"{PREFIX}/cas/{d}").download_as_bytes() == b"ALPHA\nBRAVO\n"
+    c = sources(tmp_path / "c")
+    r = build_in(c, url)
+    assert r.ran == [] and (c / "results/joined.txt").read_text() == "ALPHA\nBRAVO\n", r
 
 
 def test_corrupted_unpublished_blob_reruns_its_producer(bucket, url, tmp_path):

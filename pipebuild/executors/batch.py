@@ -90,7 +90,7 @@ class Settings:
     labels: dict[str, str] = field(default_factory=dict)
     poll_interval: float = 2.0
     poll_max: float = 30.0
-    submit_deadline: float = 600.0  # how long 429/503 on create are retried
+    api_deadline: float = 600.0  # how long transient API errors (creates, polls, deletes) are retried
 
     @property
     def parent(self) -> str:
@@ -259,21 +259,36 @@ def _last_event(job: Any) -> str:
     return str(events[-1].description) if events else ""
 
 
-class _Poller:
-    """One thread that lists the run's jobs by label and wakes the waiting workers."""
+_ACTIVE = ("QUEUED", "SCHEDULED", "RUNNING", "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")
 
-    def __init__(self, client: Any, settings: Settings, run_id: str) -> None:
+
+class _Unfollowable:
+    """What a waiter gets when the API kept failing for longer than `api_deadline`."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class _Poller:
+    """One thread that follows every job of the run and wakes the waiting workers.
+
+    A poll lists the run's jobs in each active state (label and state filters), so its cost
+    depends on the jobs running, not on how many the run has submitted; a waited-for job
+    missing from those lists has ended (or is too new to be listed) and is fetched once."""
+
+    def __init__(self, client: Any, settings: Settings, run_id: str, warn: Callable[[str], None]) -> None:
         self.client = client
         self.settings = settings
         self.filter = f'labels.pipebuild-run="{run_id}"'
+        self.warn = warn
         self.lock = threading.Lock()
         self.waiting: dict[str, tuple[threading.Event, list[Any]]] = {}
         self.poke = threading.Event()
         self.thread: threading.Thread | None = None
-        self.error: str | None = None
 
     def wait(self, name: str, stop: Callable[[], bool]) -> Any:
-        """Block until the job `name` ends (its Job), or `stop()` is true (None)."""
+        """Block until the job `name` ends (its Job, or an _Unfollowable), or `stop()` is
+        true (None)."""
         done = threading.Event()
         box: list[Any] = []
         with self.lock:
@@ -281,7 +296,6 @@ class _Poller:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._loop, name="pipebuild-batch-poll", daemon=True)
                 self.thread.start()
-        self.poke.set()
         while not done.wait(0.2):
             if stop():
                 with self.lock:
@@ -291,7 +305,7 @@ class _Poller:
 
     def _loop(self) -> None:
         interval = self.settings.poll_interval
-        unseen: dict[str, int] = {}
+        failing_since: float | None = None
         while True:
             self.poke.wait(interval)
             self.poke.clear()
@@ -302,20 +316,30 @@ class _Poller:
                 names = set(self.waiting)
             changed = False
             try:
-                seen = {}
-                for j in self.client.list_jobs(request={"parent": self.settings.parent, "filter": self.filter}):
-                    seen[j.name] = j
-                for name in names:
-                    j = seen.get(name)
-                    if j is None:  # not listed yet (eventual consistency) or deleted: ask for it
-                        unseen[name] = unseen.get(name, 0) + 1
-                        if unseen[name] >= 3:
-                            j = self._get(name)
-                    if j is not None and _state(j) in _TERMINAL:
+                active: set[str] = set()
+                for state in _ACTIVE:
+                    request = {
+                        "parent": self.settings.parent,
+                        "filter": f'{self.filter} AND status.state="{state}"',
+                        "page_size": 500,
+                    }
+                    active.update(j.name for j in self.client.list_jobs(request=request))
+                for name in sorted(names - active):
+                    j = self._get(name)
+                    if _state(j) in _TERMINAL:
                         self._finish(name, j)
                         changed = True
-            except Exception as e:  # noqa: BLE001 - transient API errors: back off and poll again
-                self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failing_since = None
+            except Exception as e:  # noqa: BLE001 - API errors: retried until api_deadline
+                why = _short(e)
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    self.warn(f"pipebuild: warning: cannot follow Cloud Batch jobs: {why}; retrying")
+                elif now - failing_since > self.settings.api_deadline:
+                    for name in names:
+                        self._finish(name, _Unfollowable(why))
+                    failing_since = None
             interval = self.settings.poll_interval if changed else min(interval * 1.5, self.settings.poll_max)
 
     def _get(self, name: str) -> Any:
@@ -360,6 +384,7 @@ class BatchExecutor:
         self.remote_blobs: set[str] = set()
         self.submitted: list[str] = []  # job ids, for tests and reports
         self._journal: str | None = None  # the workspace's list of active jobs (see recover)
+        self._undeleted: set[str] = set()  # jobs that should be gone but could not be deleted
 
     @property
     def cache_url(self) -> str:
@@ -400,7 +425,8 @@ class BatchExecutor:
             orphans = []
         if orphans:
             for name in orphans:
-                self._delete(name)
+                if not self._delete(name):
+                    self._undeleted.add(name)  # stays in the journal for the next build
             self.warn(f"pipebuild: deleted the {len(orphans)} Cloud Batch job(s) an interrupted build had submitted")
         self._journal = path
         self._write_journal()
@@ -409,7 +435,7 @@ class BatchExecutor:
         if self._journal is None:
             return
         with self._lock:
-            names = sorted(self._active)
+            names = sorted(set(self._active) | self._undeleted)
             tmp = self._journal + ".tmp"
             with open(tmp, "w") as f:
                 f.write("".join(n + "\n" for n in names))
@@ -459,15 +485,21 @@ class BatchExecutor:
                 if err is not None:
                     return JobResult(1, error=err)
                 self.submitted.append(job_id)
-                if gen != self._stop_gen:
-                    self._delete(name)
-                    return JobResult(1, error=STOPPED)
-                done = self._wait(name)
+                done = None
+                if gen == self._stop_gen and not self._cancelled.is_set() and name not in self._stopped:
+                    done = self._wait(name)
+                if done is None or isinstance(done, _Unfollowable):
+                    # Ctrl-C or a stop while it was created or running, or the API kept failing:
+                    # the job must not outlive the build.
+                    if not self._delete(name):
+                        self._undeleted.add(name)
             finally:
                 with self._lock:
                     self._active.pop(name, None)
                 self._write_journal()
-            if done is None or name in self._stopped:
+            if isinstance(done, _Unfollowable):
+                return JobResult(1, error=f"infrastructure failure: cannot follow Cloud Batch job {job_id}: {done.why}")
+            if done is None:
                 return JobResult(130, error="interrupted") if self._cancelled.is_set() else JobResult(1, error=STOPPED)
             state = _state(done)
             code = _exit_code(done)
@@ -494,19 +526,18 @@ class BatchExecutor:
     # -- steps ---------------------------------------------------------------------
 
     def _upload_inputs(self, job: Job) -> None:
-        from google.api_core import exceptions as gexc
+        from ..gcs import put_file
 
         bucket = None
         for relpath, digest in job.inputs:
             if digest in self.remote_blobs:
                 continue
             bucket = bucket or self._bucket()
-            blob = bucket.blob(self._name("cas", digest))
-            blob.chunk_size = 8 << 20
-            try:
-                blob.upload_from_filename(os.path.join(job.dir, relpath), if_generation_match=0, checksum="crc32c")
-            except gexc.PreconditionFailed:
-                pass  # already there: named by content
+            if put_file(bucket, self._name("cas", digest), os.path.join(job.dir, relpath)) == "replaced":
+                self.warn(
+                    f"pipebuild: warning: gs://{self.settings.bucket}/{self._name('cas', digest)} held other bytes; "
+                    "replaced"
+                )
             self.remote_blobs.add(digest)
 
     def _manifest(self, job: Job, job_id: str) -> dict[str, str]:
@@ -544,7 +575,7 @@ class BatchExecutor:
         """Create the job, retrying what is transient; None, or why it could not be done."""
         from google.api_core import exceptions as gexc
 
-        delay, deadline = 0.5, time.monotonic() + self.settings.submit_deadline
+        delay, deadline = 0.5, time.monotonic() + self.settings.api_deadline
         transient = (
             gexc.TooManyRequests,
             gexc.ServiceUnavailable,
@@ -570,38 +601,51 @@ class BatchExecutor:
         client = self.client
         with self._lock:
             if self._poller is None:
-                self._poller = _Poller(client, self.settings, self.run_id)
+                self._poller = _Poller(client, self.settings, self.run_id, lambda text: self.warn(text))
             poller = self._poller
         return poller.wait(name, lambda: self._cancelled.is_set() or name in self._stopped)
 
     def _delete_active(self) -> None:
+        """Mark the active jobs stopped; each worker deletes its own job as it notices."""
         with self._lock:
-            names = list(self._active)
-            self._stopped.update(names)
-        threads = [threading.Thread(target=self._delete, args=(n,), daemon=True) for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+            self._stopped.update(self._active)
 
-    def _delete(self, name: str) -> None:
-        try:
-            self.client.delete_job(name=name)
-        except Exception as e:  # noqa: BLE001 - already gone, or the API is down: say so
-            from google.api_core import exceptions as gexc
+    def _delete(self, name: str) -> bool:
+        """Delete a job, retrying transient errors a little; True if it is gone."""
+        from google.api_core import exceptions as gexc
 
-            if not isinstance(e, gexc.NotFound):
+        delay = 0.5
+        for attempt in range(5):
+            try:
+                self.client.delete_job(name=name)
+                return True
+            except gexc.NotFound:
+                return True
+            except (gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError) as e:
+                if attempt == 4:
+                    self.warn(f"pipebuild: warning: cannot delete Cloud Batch job {name}: {_short(e)}")
+                    return False
+                time.sleep(delay)
+                delay *= 2
+            except Exception as e:  # noqa: BLE001 - auth, transport: say so, keep it in the journal
                 self.warn(f"pipebuild: warning: cannot delete Cloud Batch job {name}: {_short(e)}")
+                return False
+        return False
 
     def _result(self, job: Job, job_id: str, state: str, code: int | None, done: Any) -> JobResult:
-        """Bring back the logs and outputs of a finished job, and say how it ended."""
+        """Bring back the logs and outputs of a finished job, and say how it ended: the
+        command's exit code when it ran and failed, "timed out" for Batch's run-time limit,
+        else an infrastructure failure naming what Batch or the stager reported."""
         try:
             result = self._read_result(job_id)
-            self._fetch_logs(job, result)
         except Exception as e:  # noqa: BLE001 - storage errors
-            return JobResult(1, error=f"infrastructure failure: cannot read the task's results: {_short(e)}")
+            return JobResult(1, error=f"infrastructure failure: cannot read the task's result: {_short(e)}")
+        try:
+            self._fetch_logs(job, result)
+        except Exception as e:  # noqa: BLE001 - the logs are lost, the verdict below still holds
+            self.warn(f"pipebuild: warning: {job.name}: cannot fetch the task's logs: {_short(e)}")
         if state == "CANCELLED":
-            return JobResult(1, error=f"the Cloud Batch job {job_id} was cancelled")
+            return JobResult(1, error=f"the Cloud Batch job {job_id} was cancelled or deleted")
         rc = result.get("rc") if result else None
         if state == "SUCCEEDED" and rc == 0:
             try:
@@ -613,11 +657,13 @@ class BatchExecutor:
             return JobResult(rc)  # the command failed: its exit code, and its stderr is here
         if result and result.get("error"):
             return JobResult(1, error=f"infrastructure failure: stage-in: {result['error']}")
-        if code == 50005 or (result and result.get("staged") and job.timeout and code is not None):
+        if code == 50005 and job.timeout:
             return JobResult(1, timed_out=True)
         what = INFRA_EXIT.get(code or 0)
         if what:
             return JobResult(1, error=f"infrastructure failure: {what} (Cloud Batch exit code {code}, job {job_id})")
+        if rc == 0:  # the command succeeded, and then stage-out failed
+            return JobResult(1, error=f"infrastructure failure: stage-out could not store the outputs (job {job_id})")
         event = _last_event(done)
         detail = f"exit code {code}" if code is not None else "no exit code"
         return JobResult(
@@ -721,7 +767,9 @@ class BatchRun:
             raise
 
     def start(self) -> None:
-        """Build in a background thread."""
+        """Build in a background thread. pipebuild drives the graph from this process, so
+        the thread is not a daemon: a script that returns early still waits for the run at
+        exit (Ctrl-C there stops it; the next build deletes jobs a killed one left)."""
 
         def target() -> None:
             try:
@@ -729,7 +777,7 @@ class BatchRun:
             except BaseException:  # noqa: BLE001 - kept in self.error, raised again by wait()
                 pass
 
-        self._thread = threading.Thread(target=target, name=f"pipebuild-batch-{self.id}", daemon=True)
+        self._thread = threading.Thread(target=target, name=f"pipebuild-batch-{self.id}")
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
