@@ -185,6 +185,7 @@ def test_success_then_a_rerun_makes_no_batch_call(cloud, tmp_path):
     assert (tmp_path / "out" / "count.txt").read_text().strip() == "6"
     assert "counted" in (tmp_path / ".pipebuild" / "logs" / "count.err").read_text()
     assert len(standin.created) == 2
+    assert log.count(f"image {IMAGE} is not pinned by digest") == 1  # both tasks use it: one warning
     for name in standin.created:  # the imageless task ran in the default image, on its own VM
         assert standin.get_job(name)["status"]["state"] == "SUCCEEDED"
     assert len(objects(bucket, "cache/ac/")) == 2

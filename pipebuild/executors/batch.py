@@ -385,6 +385,7 @@ class BatchExecutor:
         self.submitted: list[str] = []  # job ids, for tests and reports
         self._journal: str | None = None  # the workspace's list of active jobs (see recover)
         self._undeleted: set[str] = set()  # jobs that should be gone but could not be deleted
+        self._unpinned: set[str] = set()  # images already warned about
 
     @property
     def cache_url(self) -> str:
@@ -454,6 +455,7 @@ class BatchExecutor:
         """Run the job on Cloud Batch: stage, submit, wait, bring the results back."""
         if self._cancelled.is_set():
             return JobResult(130, error="interrupted")
+        self._warn_unpinned(job.image or self.settings.default_image)
         gen = self._stop_gen
         try:
             self._upload_inputs(job)
@@ -524,6 +526,17 @@ class BatchExecutor:
         self._delete_active()
 
     # -- steps ---------------------------------------------------------------------
+
+    def _warn_unpinned(self, image: str) -> None:
+        """Say once per image that a tag is keyed by its name, not by what it points at."""
+        with self._lock:
+            if "@sha256:" in image or image in self._unpinned:
+                return
+            self._unpinned.add(image)
+        self.warn(
+            f"pipebuild: warning: image {image} is not pinned by digest (NAME@sha256:...): its tasks' cache keys "
+            "use the tag, so an image pushed again under it does not rerun them"
+        )
 
     def _upload_inputs(self, job: Job) -> None:
         from ..gcs import put_file
