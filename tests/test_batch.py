@@ -91,6 +91,19 @@ def two_tasks(ws: Path, bucket, text: str = "hello\n", **kw) -> Pipeline:  # typ
     return p
 
 
+def one_task(bucket, dest: Path, name: str, command, source: Path | None = None, timeout: float | None = None, **kw):  # type: ignore[no-untyped-def]
+    """A pipeline of one task `name` publishing its output at `dest`; `command(ofile, src)`
+    writes its command, with `src` the input read from `source` (if any)."""
+    p = Pipeline(name=name, backend=backend(bucket, **kw))
+    src = p.read_input(str(source)) if source is not None else None
+    t = p.new_task(name=name)
+    if timeout is not None:
+        t.timeout(timeout)
+    t.command(command(t.ofile, src))
+    p.write_output(t.ofile, str(dest))
+    return p
+
+
 def run(ws: Path, p: Pipeline, **kw) -> tuple[BuildResult, str]:  # type: ignore[no-untyped-def]
     out, err = io.StringIO(), io.StringIO()
     opts = Options(workspace=str(ws), jobs=8, reporter=Reporter(out=out, err=err), **kw)
@@ -238,10 +251,7 @@ def test_changed_input_reruns_its_task_and_early_cutoff_stops_there(cloud, tmp_p
 
 def test_a_user_failure_reports_the_exit_code_and_stderr(cloud, tmp_path):
     standin, bucket = cloud
-    p = Pipeline(name="fail", backend=backend(bucket))
-    t = p.new_task(name="boom")
-    t.command(f"echo boom >&2; exit 3; echo never > {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "boom", lambda o, _: f"echo boom >&2; exit 3; echo never > {o}")
     result, log = run(tmp_path, p)
     assert [f.name for f in result.failed] == ["boom"]
     failure = result.failed[0]
@@ -256,10 +266,7 @@ def test_a_user_failure_reports_the_exit_code_and_stderr(cloud, tmp_path):
 
 def test_a_missing_output_fails_the_task(cloud, tmp_path):
     _, bucket = cloud
-    p = Pipeline(name="missing", backend=backend(bucket))
-    t = p.new_task(name="lazy")
-    t.command(f"echo did nothing # {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "lazy", lambda o, _: f"echo did nothing # {o}")
     result, _ = run(tmp_path, p)
     assert [f.name for f in result.failed] == ["lazy"]
     assert "output missing: out/ofile" in result.failed[0].detail
@@ -268,10 +275,7 @@ def test_a_missing_output_fails_the_task(cloud, tmp_path):
 
 def test_a_timeout_is_reported_as_one(cloud, tmp_path):
     _, bucket = cloud
-    p = Pipeline(name="slow", backend=backend(bucket))
-    t = p.new_task(name="sleepy").timeout(2)
-    t.command(f"sleep 60; touch {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "sleepy", lambda o, _: f"sleep 60; touch {o}", timeout=2)
     t0 = time.monotonic()
     result, _ = run(tmp_path, p)
     assert time.monotonic() - t0 < 40
@@ -281,10 +285,9 @@ def test_a_timeout_is_reported_as_one(cloud, tmp_path):
 def test_spot_preemption_is_retried_by_batch(cloud, tmp_path):
     standin, bucket = cloud
     standin.preempt(times=1)
-    p = Pipeline(name="spot", backend=backend(bucket, spot=True))
-    t = p.new_task(name="lucky")
-    t.command(f"echo attempt $BATCH_TASK_RETRY_ATTEMPT > {t.ofile} || echo ok > {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(
+        bucket, tmp_path / "x", "lucky", lambda o, _: f"echo attempt $BATCH_TASK_RETRY_ATTEMPT > {o}", spot=True
+    )
     result, log = run(tmp_path, p)
     assert result.ok, log
     assert len(standin.created) == 1
@@ -297,10 +300,7 @@ def test_spot_preemption_is_retried_by_batch(cloud, tmp_path):
 def test_spot_preempted_every_time_falls_back_to_a_standard_vm(cloud, tmp_path):
     standin, bucket = cloud
     standin.preempt(times=2)  # spot_retries=1: both Spot attempts are lost
-    p = Pipeline(name="spot", backend=backend(bucket, spot=True, spot_retries=1))
-    t = p.new_task(name="unlucky")
-    t.command(f"echo done > {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "unlucky", lambda o, _: f"echo done > {o}", spot=True, spot_retries=1)
     result, log = run(tmp_path, p)
     assert result.ok, log
     assert "running it once more on a standard VM" in log
@@ -352,10 +352,7 @@ def test_polling_lists_active_jobs_by_label_instead_of_getting_each_job(cloud, t
 
 def test_cancel_deletes_the_run_jobs_and_their_containers(cloud, tmp_path):
     standin, bucket = cloud
-    p = Pipeline(name="long", backend=backend(bucket))
-    t = p.new_task(name="forever")
-    t.command(f"sleep 300; touch {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "forever", lambda o, _: f"sleep 300; touch {o}")
     os.chdir(tmp_path)
     handle = p.run(wait=False)
     deadline = time.monotonic() + 60
@@ -411,11 +408,7 @@ def test_corrupt_blobs_in_the_bucket_are_replaced_and_the_work_done(cloud, tmp_p
     bucket.blob(f"cache/cas/{digest}").upload_from_string(b"forged\n")
     out_digest = digest_str("GENUINE\n")
     bucket.blob(f"cache/cas/{out_digest}").upload_from_string(b"FORGED\n")
-    p = Pipeline(name="corrupt", backend=backend(bucket))
-    src = p.read_input(str(tmp_path / "in.txt"))
-    t = p.new_task(name="reader")
-    t.command(f"tr a-z A-Z < {src} > {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "reader", lambda o, src: f"tr a-z A-Z < {src} > {o}", tmp_path / "in.txt")
     result, log = run(tmp_path, p)
     assert result.ok, log
     assert (tmp_path / "x").read_text() == "GENUINE\n"
@@ -426,10 +419,7 @@ def test_corrupt_blobs_in_the_bucket_are_replaced_and_the_work_done(cloud, tmp_p
 
 def test_an_api_that_keeps_failing_fails_the_task_and_deletes_its_job(cloud, tmp_path):
     standin, bucket = cloud
-    p = Pipeline(name="blind", backend=backend(bucket, api_deadline=1.0))
-    t = p.new_task(name="unseen")
-    t.command(f"sleep 5; touch {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "x"))
+    p = one_task(bucket, tmp_path / "x", "unseen", lambda o, _: f"sleep 5; touch {o}", api_deadline=1.0)
     standin.fail_next(403, times=10_000, method="GET", path_contains="/jobs")  # e.g. expired credentials
     t0 = time.monotonic()
     result, log = run(tmp_path, p)
@@ -650,11 +640,7 @@ def test_a_large_file_is_staged_in_and_out_intact(cloud, tmp_path):
     standin, bucket = cloud
     data = os.urandom(60 << 20)
     (tmp_path / "big.bin").write_bytes(data)
-    p = Pipeline(name="big", backend=backend(bucket))
-    src = p.read_input(str(tmp_path / "big.bin"))
-    t = p.new_task(name="copy")
-    t.command(f"cat {src} {src} > {t.ofile}")
-    p.write_output(t.ofile, str(tmp_path / "twice.bin"))
+    p = one_task(bucket, tmp_path / "twice.bin", "copy", lambda o, src: f"cat {src} {src} > {o}", tmp_path / "big.bin")
     result, log = run(tmp_path, p)
     assert result.ok, log
     assert (tmp_path / "twice.bin").read_bytes() == data + data

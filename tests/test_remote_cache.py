@@ -344,23 +344,25 @@ def test_cli_flags_and_environment(bucket, url, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a remote cache URL" in r.stderr, r.stderr
 
 
+def noisy(extra: str) -> Pipeline:
+    """stamp (never the same bytes twice, never published) -> report, which appends `extra`."""
+    p = Pipeline()
+    stamp = p.new_task(name="stamp")
+    stamp.command(f"date +%s%N > {stamp.ofile}")
+    report = p.new_task(name="report")
+    report.command(f"cat {stamp.ofile} > {report.ofile}; echo {extra} >> {report.ofile}")
+    p.write_output(report.ofile, "out/report.txt")
+    return p
+
+
 def test_an_unreproducible_producer_whose_blob_is_gone_everywhere_recovers_next_build(tmp_path, url):
     """Given a non-deterministic intermediate whose blob is in neither store, one build may fail, the next succeeds."""
     root = tmp_path / "w"
     root.mkdir()
 
-    def noisy() -> Pipeline:
-        p = Pipeline()
-        stamp = p.new_task(name="stamp")
-        stamp.command(f"date +%s%N > {stamp.ofile}")  # never the same bytes twice
-        report = p.new_task(name="report")
-        report.command(f"cat {stamp.ofile} > {report.ofile}; echo {len(os.listdir(root))} >> {report.ofile}")
-        p.write_output(report.ofile, "out/report.txt")
-        return p
-
     def run(remote_url: str | None):  # type: ignore[no-untyped-def]
         opts = pbuild.Options(workspace=str(root), jobs=1, remote_cache=remote_url, reporter=Warnings())
-        return pbuild.build(noisy(), opts)
+        return pbuild.build(noisy(str(len(os.listdir(root)))), opts)
 
     assert run(None).ran == ["stamp", "report"]  # the remote never sees stamp's blob
     pbuild.gc(pbuild.Options(workspace=str(root), reporter=Warnings()), 0)
@@ -376,15 +378,6 @@ def test_an_entry_whose_blob_expired_is_a_miss_not_a_broken_build(bucket, url, t
     """Given ac/ entries whose cas/ blob a lifecycle rule deleted, and a producer that never
     writes the same bytes twice, a fresh workspace should run the producer rather than trust
     the entry, and its consumer should get the new bytes: no failed build, now or later."""
-
-    def noisy(extra: str) -> Pipeline:
-        p = Pipeline()
-        stamp = p.new_task(name="stamp")
-        stamp.command(f"date +%s%N > {stamp.ofile}")  # never the same bytes twice
-        report = p.new_task(name="report")
-        report.command(f"cat {stamp.ofile} > {report.ofile}; echo {extra} >> {report.ofile}")
-        p.write_output(report.ofile, "out/report.txt")
-        return p
 
     def run(root: Path, extra: str):  # type: ignore[no-untyped-def]
         root.mkdir(exist_ok=True)
