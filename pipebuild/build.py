@@ -802,7 +802,11 @@ def preview(pipeline: Pipeline, options: Options) -> list[tuple[str, str, str]]:
         cas = ContentStore(ws.cas)
         stats = stat_cache(store.load_files(), graph, cas, fetch=False)
         traces = store.load_tasks()
-        rebuilder = Rebuilder(store, cas, stats, traces, _forced(graph, selected, options))
+        url, read_only = remote_settings(
+            options.remote_cache, options.remote_cache_read_only, getattr(pipeline, "_backend", None)
+        )
+        remote = RemoteCache(url, True, _reporter(options).warning) if url else None  # asked, never written
+        rebuilder = Rebuilder(store, cas, stats, traces, _forced(graph, selected, options), remote)
         outputs: list[dict[str, str] | None] = [None] * len(graph.nodes)
         stale_by: list[str | None] = [None] * len(graph.nodes)
         rows: list[tuple[str, str, str]] = []

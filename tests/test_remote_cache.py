@@ -332,6 +332,9 @@ def test_cli_flags_and_environment(bucket, url, tmp_path):
         (root / "Pipefile.py").write_text(PIPEFILE)
     r = make(a, "--remote-cache", url)
     assert r.returncode == 0 and "1 ran" in r.stdout, r.stdout + r.stderr
+    r = make(b, "-n", env={"PIPEBUILD_REMOTE_CACHE": url})  # a dry run asks the cache too
+    assert r.returncode == 0 and "restore    upper  remote cache hit" in r.stdout, r.stdout + r.stderr
+    assert not (b / "results/a.txt").exists() and not (b / ".pipebuild").exists()
     r = make(b, env={"PIPEBUILD_REMOTE_CACHE": url})
     assert r.returncode == 0 and "0 ran, 1 restored" in r.stdout, r.stdout + r.stderr
     assert (b / "results/a.txt").read_text() == "ALPHA\n"
