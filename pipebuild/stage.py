@@ -127,7 +127,7 @@ def stage_out(m: dict[str, Any], root: str = "/pb") -> int:
         if rc == 0:
             for relpath in m["outputs"]:
                 path = os.path.join(work, relpath)
-                if os.path.isfile(path) and not os.path.islink(path):
+                if os.path.isfile(path):  # as locally: a symlink to a file counts as that file
                     d = digest_of(path)
                     _put(bucket, _cas(m, d), path)
                     result["outputs"][relpath] = d
