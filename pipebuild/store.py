@@ -1,7 +1,7 @@
 """The trace store: `.pipebuild/cache.sqlite`.
 
-Tables (created through sqlite-utils; the hot path uses the sqlite3 module directly,
-because importing sqlite_utils costs ~60 ms, a quarter of a 10,000-task no-op):
+Tables (plain sqlite3 throughout: importing sqlite_utils costs ~60 ms, a quarter of a
+10,000-task no-op; the DDL in `_SCHEMA` is what sqlite-utils used to write):
 
     meta     key -> value                  schema version
     files    path -> size, mtime_ns, ino, digest
@@ -24,7 +24,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .exceptions import CacheError
 
@@ -261,29 +261,43 @@ def _damaged(e: sqlite3.DatabaseError) -> bool:
     return "malformed" in text or "not a database" in text
 
 
-def _create_schema(db: sqlite3.Connection) -> None:
-    import sqlite_utils
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS "meta" (
+   "key" TEXT PRIMARY KEY,
+   "value" TEXT
+);
+CREATE TABLE IF NOT EXISTS "files" (
+   "path" TEXT PRIMARY KEY,
+   "size" INTEGER,
+   "mtime_ns" INTEGER,
+   "ino" INTEGER,
+   "digest" TEXT
+);
+CREATE TABLE IF NOT EXISTS "tasks" (
+   "name" TEXT PRIMARY KEY,
+   "key" TEXT,
+   "recipe" TEXT,
+   "inputs" TEXT,
+   "outputs" TEXT,
+   "status" TEXT,
+   "finished" REAL,
+   "duration" REAL
+);
+CREATE TABLE IF NOT EXISTS "actions" (
+   "key" TEXT PRIMARY KEY,
+   "outputs" TEXT,
+   "created" REAL
+);
+CREATE TABLE IF NOT EXISTS "blobs" (
+   "digest" TEXT PRIMARY KEY,
+   "size" INTEGER,
+   "used" REAL
+);
+"""
 
-    sdb = sqlite_utils.Database(db)
-    tables: dict[str, tuple[dict[str, Any], str]] = {
-        "meta": ({"key": str, "value": str}, "key"),
-        "files": ({"path": str, "size": int, "mtime_ns": int, "ino": int, "digest": str}, "path"),
-        "tasks": (
-            {
-                "name": str,
-                "key": str,
-                "recipe": str,
-                "inputs": str,
-                "outputs": str,
-                "status": str,
-                "finished": float,
-                "duration": float,
-            },
-            "name",
-        ),  # fmt: skip
-        "actions": ({"key": str, "outputs": str, "created": float}, "key"),
-        "blobs": ({"digest": str, "size": int, "used": float}, "digest"),
-    }
-    for name, (columns, pk) in tables.items():
-        sdb[name].create(columns, pk=pk, if_not_exists=True)  # type: ignore[union-attr]
-    sdb["meta"].insert({"key": "schema_version", "value": SCHEMA_VERSION}, replace=True)  # type: ignore[union-attr]
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    # The same DDL sqlite-utils wrote for these tables before (so older caches still match);
+    # plain SQL, because importing sqlite_utils (and click with it) costs ~60 ms.
+    db.executescript(_SCHEMA)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
