@@ -313,7 +313,7 @@ class _Build:
             self.images = _resolve_images(self.executor, self.graph, self.selected, ws.dir)
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
-            traces = self.store.load_tasks()
+            traces = self.store.load_tasks(full=False)
             self.src = self._digest_sources()
             self._copy_inputs()
             forced = _forced(self.graph, self.selected, opts)
