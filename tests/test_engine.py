@@ -222,6 +222,69 @@ def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
     assert [j.name for j in fake.jobs] == ["x"], "without -k nothing new starts after the failure"
 
 
+def _independent(root: str, n: int) -> Pipeline:
+    p = Pipeline(name="independent")
+    for i in range(n):
+        t = p.new_task(name=f"t{i}")
+        t.command(f"echo {i} > {t.ofile}")
+        p.write_output(t.ofile, os.path.join(root, f"out/{i}.txt"))
+    return p
+
+
+def test_at_most_jobs_commands_run_at_once(tmp_path):
+    """Given -j2 and ten independent tasks, more work may be in flight (file work beside
+    commands), but we should never see more than two commands running at once."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running = [0, 0]  # now, most seen
+
+    def handler(job: Job) -> int:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.02)
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        with lock:
+            running[0] -= 1
+        return 0
+
+    fake = FakeExecutor(handler)
+    r = build(_independent(str(tmp_path), 10), Options(workspace=str(tmp_path), executor=fake, jobs=2, verbosity=-1))
+    assert r.ok and len(r.ran) == 10
+    assert running[1] == 2
+
+
+def test_no_command_starts_after_a_failure_with_spare_work_in_flight(tmp_path):
+    """Given -j2 without -k, tasks already prepared when a command fails must not start."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    events: list[str] = []
+
+    def handler(job: Job) -> int:
+        with lock:
+            events.append("start " + job.name)
+        if job.name == "t0":
+            with lock:
+                events.append("failed")
+            return 1
+        time.sleep(0.05)  # the task beside t0 ends after t0 does
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        return 0
+
+    fake = FakeExecutor(handler)
+    r = build(_independent(str(tmp_path), 8), Options(workspace=str(tmp_path), executor=fake, jobs=2, verbosity=-1))
+    assert [f.name for f in r.failed] == ["t0"]
+    after = events[events.index("failed") + 1 :]
+    assert all(not e.startswith("start") for e in after), events
+    assert len(r.ran) + len(r.not_run) == 7
+
+
 def test_pipeline_run_twice_runs_nothing_the_second_time(tmp_path, capsys):
     """Given a hail-style script run twice, the second p.run() should run nothing."""
     counter = tmp_path / "counter"
