@@ -231,9 +231,12 @@ class Store:
                     "INSERT OR REPLACE INTO actions VALUES (?,?,?)",
                     (action[0], json.dumps(action[1], sort_keys=True), now),
                 )
-            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?,?,?)", ((d, s, now) for d, s in blobs))
-            db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", files)
-            db.executemany("DELETE FROM files WHERE path=?", ((p,) for p in forget_files))
+            if blobs:  # (empty statements skipped: this runs once per finished task)
+                db.executemany("INSERT OR REPLACE INTO blobs VALUES (?,?,?)", ((d, s, now) for d, s in blobs))
+            if files:
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", files)
+            if forget_files:
+                db.executemany("DELETE FROM files WHERE path=?", ((p,) for p in forget_files))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
