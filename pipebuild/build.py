@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import fcntl
 import gc as pygc
 import json
@@ -209,20 +210,47 @@ def publish(src: str, dest: str) -> tuple[str, int, int, int]:
     tmp = _tmp_name(dest)
     try:
         try:
-            shutil.copyfile(src, tmp)
+            st = _copy(src, tmp)
         except FileNotFoundError:  # usually the destination's directory: make it, once
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.copyfile(src, tmp)
+            st = _copy(src, tmp)
     except BaseException:
         _unlink_quiet(tmp)  # e.g. a full disk: the old destination stays as it was
         raise
     try:
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # keeps the inode and mtime that _copy saw
     except IsADirectoryError:
         os.unlink(tmp)
         raise OSError(f"destination {dest} is a directory") from None
-    st = os.stat(dest)
     return (dest, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _copy(src: str, dst: str) -> os.stat_result:
+    """Copy a file's bytes in the kernel; returns the copy's stat data (~6 calls fewer than
+    shutil.copyfile and a stat, which publishing does once per output)."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            size = os.fstat(fin).st_size
+            done = 0
+            while True:
+                try:
+                    n = os.sendfile(fout, fin, done, max(size - done, 1 << 20))
+                except OSError as e:
+                    if done or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    with open(fin, "rb", closefd=False) as r, open(fout, "wb", closefd=False) as w:
+                        shutil.copyfileobj(r, w)  # a file system without sendfile
+                    break
+                if n == 0:
+                    break
+                done += n
+            return os.fstat(fout)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
 
 
 # -- target selection ------------------------------------------------------------------
@@ -587,9 +615,14 @@ class _Build:
         input cannot alter the source, and the copy is hashed as it is made, so a file
         edited since the build hashed it is caught instead of built under the old key.
         """
-        if os.path.lexists(workdir):
+        try:
+            os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
+        except FileExistsError:
             shutil.rmtree(workdir)
-        os.makedirs(os.path.join(workdir, "out"))
+            os.mkdir(workdir)
+        except FileNotFoundError:
+            os.makedirs(workdir)
+        os.mkdir(os.path.join(workdir, "out"))
         made = {workdir, os.path.join(workdir, "out")}
         added: list[tuple[str, int]] = []
         for inp in node.inputs:

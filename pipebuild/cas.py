@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 
 from .hashing import copy_and_hash, hash_file
@@ -60,7 +61,7 @@ class ContentStore:
             return
         self._dir_for(digest)
         st = os.lstat(src)
-        if st.st_nlink > 1 or not os.path.isfile(src) or os.path.islink(src):
+        if st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # Another name shares this inode (or it is a link): store a private copy, so
             # marking the blob never touches a file outside the store.
             tmp = self._tmp_file(digest)

@@ -41,17 +41,21 @@ while IFS= read -r -n 1 __pb_go; do
     export PIPEBUILD_TASK_DIR="${__pb_f[0]}"
     for ((__pb_i = 4; __pb_i < 4 + __pb_f[3]; __pb_i++)); do export "${__pb_f[__pb_i]}"; done
     __pb_s=${__pb_f[__pb_i]}
-    eval "unset __pb_go __pb_f __pb_i __pb_s; $__pb_s"
+    eval "unset __pb_go __pb_f __pb_i __pb_s __pb_rc; $__pb_s"
   ) &
-  printf '%d
-' "$!"
+  echo "$!" >"$2"
+  echo "$!"
   wait "$!"
-  printf '%d
-' "$?"
+  __pb_rc=$?
+  : >"$2"
+  echo "$__pb_rc"
 done
 """
 # Set in every server's environment (so in /proc/PID/environ of the job's shell, which
-# keeps the environment it was forked with): lets stop_orphans recognise a job.
+# keeps the environment it was forked with): lets stop_orphans recognise a job. The server
+# writes its running job's pid to `.shell<n>.pid` beside the task directories (empty when
+# idle), so a build killed with -9 leaves what stop_orphans needs without pipebuild
+# writing and deleting a pidfile per task.
 TASKS_ENV = "PIPEBUILD_TASKS"
 
 
@@ -64,10 +68,11 @@ class _Shell:
 
     def __init__(self, tasks_dir: str, scratch: str, n: int) -> None:
         self.request = os.path.join(scratch, f"request{n}")
+        self.pidfile = os.path.join(tasks_dir, f".shell{n}.pid")
         env = dict(os.environ)
         env[TASKS_ENV] = tasks_dir
         self.proc = subprocess.Popen(
-            ["bash", "-c", _LOOP, "bash", self.request], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            ["bash", "-c", _LOOP, "bash", self.request, self.pidfile], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=env, start_new_session=True, bufsize=0,
         )  # fmt: skip
         self._buf = b""
@@ -114,6 +119,10 @@ class _Shell:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        try:
+            os.unlink(self.pidfile)
+        except FileNotFoundError:
+            pass
 
 
 class LocalExecutor:
@@ -168,12 +177,9 @@ class LocalExecutor:
             if self._cancelled or gen != self._stop_gen:  # stopped while this job was starting
                 self._stopped.add(pid)
                 _killpg(pid)
-        # If pipebuild itself is killed (-9), the next build finds this file and stops
-        # the orphaned task before it reuses its directory (build.Workspace.recover).
-        pidfile = job.dir + ".pid"
+        # If pipebuild itself is killed (-9), the next build finds the server's pidfile and
+        # stops the orphaned task before it reuses its directory (build.Workspace.recover).
         try:
-            with open(pidfile, "w") as f:
-                f.write(str(pid))
             deadline = None if job.timeout is None else time.monotonic() + job.timeout
             timed_out = False
             try:
@@ -190,10 +196,6 @@ class LocalExecutor:
         finally:
             with self._lock:
                 self._procs.pop(pid, None)
-            try:
-                os.unlink(pidfile)
-            except FileNotFoundError:
-                pass
         if self._cancelled and code != 0:
             return JobResult(code, error="interrupted")
         with self._lock:
