@@ -335,6 +335,9 @@ class _Build:
         # `stopping` before the slot is released, so no command starts after it.
         self.command_slots = threading.BoundedSemaphore(max(1, options.jobs))
         self.stopping = False
+        self._spares: list[str] = []  # emptied task directories, for reuse (see _reuse_dir)
+        self._spare_count = 0
+        self._spare_lock = threading.Lock()
         # Producers whose recorded output could not be found or remade: their traces and
         # action-cache rows are dropped at the end, so the next build runs them.
         self.stale: set[int] = set()
@@ -387,6 +390,7 @@ class _Build:
                 self.result.reasons[name] = why
                 self.reporter.task(name, "not run", why)
         finally:
+            self._remove_spares()
             close = getattr(self.executor, "close", None)  # e.g. LocalExecutor's bash servers
             if close is not None:
                 close()
@@ -573,7 +577,7 @@ class _Build:
                 return out
             out.ok = True
             if self.options.delete_scratch:
-                _remove_task_dir(node, workdir)
+                self._finish_dir(node, workdir)
             if key is not None and self.remote is not None:
                 self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
@@ -615,16 +619,21 @@ class _Build:
         input cannot alter the source, and the copy is hashed as it is made, so a file
         edited since the build hashed it is caught instead of built under the old key.
         """
-        try:
-            os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
-        except FileExistsError:
-            shutil.rmtree(workdir)
-            os.mkdir(workdir)
-        except FileNotFoundError:
-            os.makedirs(workdir)
-        os.mkdir(os.path.join(workdir, "out"))
+        in_dir = os.path.join(workdir, "in")
         made = {workdir, os.path.join(workdir, "out")}
+        if self._reuse_dir(workdir):
+            made.add(in_dir)
+        else:
+            try:
+                os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
+            except FileExistsError:
+                shutil.rmtree(workdir)
+                os.mkdir(workdir)
+            except FileNotFoundError:
+                os.makedirs(workdir)
+            os.mkdir(os.path.join(workdir, "out"))
         added: list[tuple[str, int]] = []
+        linked = False
         for inp in node.inputs:
             if inp.source is not None:
                 digest = self.src[inp.source]
@@ -645,7 +654,65 @@ class _Build:
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
             link_or_copy(src, dst)
+            linked = True
+        if not linked and in_dir in made:
+            os.rmdir(in_dir)  # a reused directory: the layout is the same as a new one's
         return added
+
+    # Task directories are reused: on this machine's ext4, removing a directory costs
+    # ~70 us of kernel time and making one ~8 us, but renaming one ~3 us. After a success,
+    # an emptied directory (just in/ and out/ left) is renamed to a spare name under tmp/,
+    # and the next task renames a spare to its own name. Spares are removed at the end.
+
+    def _reuse_dir(self, workdir: str) -> bool:
+        """Rename a spare directory (holding empty in/ and out/) to `workdir`, if there is one."""
+        with self._spare_lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is None:
+            return False
+        try:
+            os.rename(spare, workdir)
+        except OSError:
+            shutil.rmtree(spare, ignore_errors=True)
+            return False
+        return True
+
+    def _finish_dir(self, node: Node, workdir: str) -> None:
+        """After a success: empty the task directory and keep it as a spare, else delete it."""
+        try:
+            extra: set[str] = set()
+            for inp in node.inputs:
+                os.unlink(os.path.join(workdir, inp.relpath))
+                d = os.path.dirname(inp.relpath)
+                if d != "in":
+                    extra.add(d)  # in/1/ ... for inputs whose names clash
+            for d in extra:
+                os.rmdir(os.path.join(workdir, d))
+            if not node.inputs:
+                os.mkdir(os.path.join(workdir, "in"))
+            # Only what _prepare made may be left: anything the command wrote elsewhere
+            # sends the directory to rmtree.
+            if (
+                sorted(os.listdir(workdir)) == ["in", "out"]
+                and not os.listdir(os.path.join(workdir, "in"))
+                and not os.listdir(os.path.join(workdir, "out"))
+            ):
+                with self._spare_lock:
+                    self._spare_count += 1
+                    spare = os.path.join(self.ws.tmp, f".spare{self._spare_count}")
+                os.rename(workdir, spare)
+                with self._spare_lock:
+                    self._spares.append(spare)
+                return
+        except OSError:
+            pass
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def _remove_spares(self) -> None:
+        with self._spare_lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            shutil.rmtree(spare, ignore_errors=True)
 
     def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
         """The store path of an upstream output, re-stored from a destination if need be."""
@@ -701,24 +768,6 @@ class _Build:
             for dest in o.dests:
                 path, size, mtime, ino = publish(self.cas.path(digest), dest)
                 out.files.append((path, size, mtime, ino, digest))
-
-
-def _remove_task_dir(node: Node, workdir: str) -> None:
-    """Delete a task directory after success: what _prepare made, by name (5 calls for a
-    task with two inputs, where shutil.rmtree takes ~20); rmtree for anything else left."""
-    try:
-        dirs = {"out"}
-        for inp in node.inputs:
-            os.unlink(os.path.join(workdir, inp.relpath))
-            d = os.path.dirname(inp.relpath)
-            while d and d not in dirs:
-                dirs.add(d)
-                d = os.path.dirname(d)
-        for d in sorted(dirs, key=len, reverse=True):
-            os.rmdir(os.path.join(workdir, d))
-        os.rmdir(workdir)
-    except OSError:  # the command left files, or an input was never linked
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _keys(node: Node, image: str | None, inputs: list[tuple[str, str, str]]) -> tuple[str, str]:
