@@ -335,7 +335,8 @@ class _Build:
         # `stopping` before the slot is released, so no command starts after it.
         self.command_slots = threading.BoundedSemaphore(max(1, options.jobs))
         self.stopping = False
-        self._spares: list[str] = []  # emptied task directories, for reuse (see _reuse_dir)
+        self._spares: list[tuple[str, frozenset[str]]] = []  # emptied task directories and
+        # their subdirectories, for reuse (see _reuse_dir)
         self._spare_count = 0
         self._spare_lock = threading.Lock()
         # Producers whose recorded output could not be found or remade: their traces and
@@ -619,21 +620,8 @@ class _Build:
         input cannot alter the source, and the copy is hashed as it is made, so a file
         edited since the build hashed it is caught instead of built under the old key.
         """
-        in_dir = os.path.join(workdir, "in")
-        made = {workdir, os.path.join(workdir, "out")}
-        if self._reuse_dir(workdir):
-            made.add(in_dir)
-        else:
-            try:
-                os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
-            except FileExistsError:
-                shutil.rmtree(workdir)
-                os.mkdir(workdir)
-            except FileNotFoundError:
-                os.makedirs(workdir)
-            os.mkdir(os.path.join(workdir, "out"))
         added: list[tuple[str, int]] = []
-        linked = False
+        links: list[tuple[str, str]] = []  # (blob, relpath)
         for inp in node.inputs:
             if inp.source is not None:
                 digest = self.src[inp.source]
@@ -648,61 +636,76 @@ class _Build:
                 if d is None:
                     continue
                 src = self._blob_for(inp.producer, inp.producer_relpath, d)
-            dst = os.path.join(workdir, inp.relpath)
-            parent = os.path.dirname(dst)
-            if parent not in made:
-                os.makedirs(parent, exist_ok=True)
-                made.add(parent)
-            link_or_copy(src, dst)
-            linked = True
-        if not linked and in_dir in made:
-            os.rmdir(in_dir)  # a reused directory: the layout is the same as a new one's
+            links.append((src, inp.relpath))
+        # The directories a new task directory has: out/, and in/ (in/1/ ...) for its inputs.
+        dirs = {"out"}
+        for _, relpath in links:
+            d = os.path.dirname(relpath)
+            while d and d not in dirs:
+                dirs.add(d)
+                d = os.path.dirname(d)
+        if not self._reuse_dir(workdir, dirs):
+            try:
+                os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
+            except FileExistsError:
+                shutil.rmtree(workdir)
+                os.mkdir(workdir)
+            except FileNotFoundError:
+                os.makedirs(workdir)
+            for d in sorted(dirs, key=len):
+                os.mkdir(os.path.join(workdir, d))
+        for src, relpath in links:
+            link_or_copy(src, os.path.join(workdir, relpath))
         return added
 
     # Task directories are reused: on this machine's ext4, removing a directory costs
     # ~70 us of kernel time and making one ~8 us, but renaming one ~3 us. After a success,
-    # an emptied directory (just in/ and out/ left) is renamed to a spare name under tmp/,
-    # and the next task renames a spare to its own name. Spares are removed at the end.
+    # an emptied directory (only the empty directories _prepare made left) is renamed to a
+    # spare name under tmp/, and the next task renames a spare to its own name, then makes
+    # or removes subdirectories so that it looks new. Spares are removed at the end.
 
-    def _reuse_dir(self, workdir: str) -> bool:
-        """Rename a spare directory (holding empty in/ and out/) to `workdir`, if there is one."""
+    def _reuse_dir(self, workdir: str, dirs: set[str]) -> bool:
+        """Rename a spare directory to `workdir` and give it exactly the subdirectories `dirs`."""
         with self._spare_lock:
             spare = self._spares.pop() if self._spares else None
         if spare is None:
             return False
+        path, has = spare
         try:
-            os.rename(spare, workdir)
+            os.rename(path, workdir)
         except OSError:
-            shutil.rmtree(spare, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
             return False
+        for d in sorted(has - dirs, key=len, reverse=True):
+            os.rmdir(os.path.join(workdir, d))
+        for d in sorted(dirs - has, key=len):
+            os.mkdir(os.path.join(workdir, d))
         return True
 
     def _finish_dir(self, node: Node, workdir: str) -> None:
         """After a success: empty the task directory and keep it as a spare, else delete it."""
         try:
-            extra: set[str] = set()
+            dirs = {"out"}
             for inp in node.inputs:
                 os.unlink(os.path.join(workdir, inp.relpath))
                 d = os.path.dirname(inp.relpath)
-                if d != "in":
-                    extra.add(d)  # in/1/ ... for inputs whose names clash
-            for d in extra:
-                os.rmdir(os.path.join(workdir, d))
-            if not node.inputs:
-                os.mkdir(os.path.join(workdir, "in"))
-            # Only what _prepare made may be left: anything the command wrote elsewhere
-            # sends the directory to rmtree.
-            if (
-                sorted(os.listdir(workdir)) == ["in", "out"]
-                and not os.listdir(os.path.join(workdir, "in"))
-                and not os.listdir(os.path.join(workdir, "out"))
-            ):
+                while d and d not in dirs:
+                    dirs.add(d)
+                    d = os.path.dirname(d)
+            # Only the (empty) directories _prepare made may be left: anything the command
+            # wrote elsewhere sends the directory to rmtree.
+            children: dict[str, set[str]] = {"": set()}
+            for d in dirs:
+                head, tail = os.path.split(d)
+                children.setdefault(head, set()).add(tail)
+                children.setdefault(d, set())
+            if all(set(os.listdir(os.path.join(workdir, d))) == names for d, names in children.items()):
                 with self._spare_lock:
                     self._spare_count += 1
                     spare = os.path.join(self.ws.tmp, f".spare{self._spare_count}")
                 os.rename(workdir, spare)
                 with self._spare_lock:
-                    self._spares.append(spare)
+                    self._spares.append((spare, frozenset(dirs)))
                 return
         except OSError:
             pass
@@ -711,8 +714,8 @@ class _Build:
     def _remove_spares(self) -> None:
         with self._spare_lock:
             spares, self._spares = self._spares, []
-        for spare in spares:
-            shutil.rmtree(spare, ignore_errors=True)
+        for path, _ in spares:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
         """The store path of an upstream output, re-stored from a destination if need be."""

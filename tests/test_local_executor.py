@@ -73,14 +73,15 @@ def test_a_long_script_runs(tmp_path: Path) -> None:
 
 
 def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path) -> None:
-    # Given a job whose pidfile names a server-forked shell, stop_orphans kills its group.
+    # Given a server running a job (its .shell<n>.pid names the job's shell, written before
+    # the pid is reported), stop_orphans kills the job's group, as after a kill -9 of pipebuild.
     ex = LocalExecutor()
     marker = f"sleep 38.{os.getpid()}{time.time_ns() % 1000}"
     j = job(tmp_path, "orphan", marker)
     shell = ex._shell(os.path.dirname(j.dir))
     try:
         pid = shell.start(j)
-        Path(j.dir + ".pid").write_text(str(pid))
+        assert Path(shell.pidfile).read_text().strip() == str(pid)
         assert stop_orphans(str(tmp_path / "tmp")) == 1
         assert int(shell.line(time.monotonic() + 10)) == 137
     finally:
