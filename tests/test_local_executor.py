@@ -41,7 +41,9 @@ def test_a_job_shell_is_what_bash_c_gives(tmp_path: Path) -> None:
         # Exit codes and errexit, as bash -c reports them; servers are reused.
         assert ex.run(job(tmp_path, "b", "exit 7")).exit_code == 7
         assert ex.run(job(tmp_path, "c", "false | true; echo no")).exit_code == 1
-        assert ex.run(job(tmp_path, "d", "no-such-command-here")).exit_code == 127
+        d = job(tmp_path, "d", "no-such-command-here")
+        assert ex.run(d).exit_code == 127
+        assert Path(d.stderr).read_text() == "bash: line 2: no-such-command-here: command not found\n"
         assert len(ex._shells) == 1
     finally:
         ex.close()

@@ -7,8 +7,8 @@ server forks in ~0.1 ms. The forked shell is what `bash -c` would be: its own pr
 group (timeouts and Ctrl-C kill the whole group), the task directory as working
 directory, stdin from /dev/null, stdout and stderr to the log files, PIPEBUILD_TASK_DIR
 and the job's environment exported, and the script evaluated with nothing of the server
-left in its variables. What differs: `$-` lacks `c`, an error message says `bash: line N`
-relative to the server's loop, and a job killed by a signal reports 128+N as a shell does.
+left in its variables. What differs: `$-` lacks `c`, and a job killed by a signal reports
+exit code 128+N as a shell does (a child of Python saw -N).
 
 A request is written to a file (bash reads a pipe one byte at a time, a file in blocks);
 one byte on the server's stdin says "go", and it answers with the job's pid, then its exit
@@ -28,29 +28,19 @@ import time
 
 from . import STOPPED, Job, JobResult
 
-# The server loop. Fields of a request, NUL-terminated: task directory, stdout, stderr,
-# the number of environment entries, the entries (NAME=VALUE), the script.
-_LOOP = r"""
-set -m
-while IFS= read -r -n 1 __pb_go; do
-  mapfile -d '' -t __pb_f < "$1" || exit 1
-  (
-    set +m
-    cd -- "${__pb_f[0]}" || exit 126
-    exec </dev/null >"${__pb_f[1]}" 2>"${__pb_f[2]}" || exit 126
-    export PIPEBUILD_TASK_DIR="${__pb_f[0]}"
-    for ((__pb_i = 4; __pb_i < 4 + __pb_f[3]; __pb_i++)); do export "${__pb_f[__pb_i]}"; done
-    __pb_s=${__pb_f[__pb_i]}
-    eval "unset __pb_go __pb_f __pb_i __pb_s __pb_rc; $__pb_s"
-  ) &
-  echo "$!" >"$2"
-  echo "$!"
-  wait "$!"
-  __pb_rc=$?
-  : >"$2"
-  echo "$__pb_rc"
-done
-"""
+# The server loop, on one line: the script is evaluated on line 1 of bash -c's string, so
+# an error in its line N says `bash: line N:`, as under `bash -c SCRIPT`. Fields of a
+# request, NUL-terminated: task directory, stdout, stderr, the number of environment
+# entries, the entries (NAME=VALUE), the script.
+_LOOP = (
+    r"""set -m; while IFS= read -r -n 1 __pb_go; do mapfile -d '' -t __pb_f < "$1" || exit 1; """
+    r"""( set +m; cd -- "${__pb_f[0]}" || exit 126; """
+    r"""exec </dev/null >"${__pb_f[1]}" 2>"${__pb_f[2]}" || exit 126; """
+    r"""export PIPEBUILD_TASK_DIR="${__pb_f[0]}"; """
+    r"""for ((__pb_i = 4; __pb_i < 4 + __pb_f[3]; __pb_i++)); do export "${__pb_f[__pb_i]}"; done; """
+    r"""__pb_s=${__pb_f[__pb_i]}; eval "unset __pb_go __pb_f __pb_i __pb_s __pb_rc; $__pb_s" ) & """
+    r"""echo "$!" >"$2"; echo "$!"; wait "$!"; __pb_rc=$?; : >"$2"; echo "$__pb_rc"; done"""
+)
 # Set in every server's environment (so in /proc/PID/environ of the job's shell, which
 # keeps the environment it was forked with): lets stop_orphans recognise a job. The server
 # writes its running job's pid to `.shell<n>.pid` beside the task directories (empty when
