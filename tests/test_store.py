@@ -613,13 +613,20 @@ def test_remove_returns_the_bytes_freed(cas, tmp_path):
     assert cas.remove(d) == 0
 
 
-@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345])
+SMALL = 1 << 16  # hashing.py reads a file under this size in one call
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL - 1, SMALL, SMALL + 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345])
 def test_hash_file_equals_xxh3_128_of_the_bytes(tmp_path, size):
     """Given files around and beyond the 1 MiB read block, hash_file should equal xxh3_128 of all the bytes."""
     data = random.Random(size).randbytes(size)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     assert hash_file(str(path)) == xxhash.xxh3_128(data).hexdigest()
+    from pipebuild.hashing import copy_and_hash
+
+    assert copy_and_hash(str(path), str(tmp_path / "copy")) == xxhash.xxh3_128(data).hexdigest()
+    assert (tmp_path / "copy").read_bytes() == data
     if size > BLOCK:
         # A change in the last block changes the digest.
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
