@@ -47,7 +47,7 @@ def test_a_job_shell_is_what_bash_c_gives(tmp_path: Path) -> None:
         assert len(ex._shells) == 1
     finally:
         ex.close()
-    assert ex._scratch is None
+    assert sorted(os.listdir(tmp_path / "tmp")) == ["a", "b", "c", "d"]  # no .shell<n>.req/.pid left
 
 
 def test_a_timeout_kills_the_whole_group(tmp_path: Path) -> None:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -56,8 +54,10 @@ class _ShellExited(Exception):
 class _Shell:
     """One server bash; used by one job at a time."""
 
-    def __init__(self, tasks_dir: str, scratch: str, n: int) -> None:
-        self.request = os.path.join(scratch, f"request{n}")
+    def __init__(self, tasks_dir: str, n: int) -> None:
+        # Beside the task directories, so a build killed with -9 leaves nothing elsewhere:
+        # the next build's Workspace.recover removes them with the rest of tmp/.
+        self.request = os.path.join(tasks_dir, f".shell{n}.req")
         self.pidfile = os.path.join(tasks_dir, f".shell{n}.pid")
         env = dict(os.environ)
         env[TASKS_ENV] = tasks_dir
@@ -109,10 +109,11 @@ class _Shell:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        try:
-            os.unlink(self.pidfile)
-        except FileNotFoundError:
-            pass
+        for path in (self.pidfile, self.request):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class LocalExecutor:
@@ -126,7 +127,6 @@ class LocalExecutor:
         self._stop_gen = 0  # bumped by stop_running: a job begun before it must not outlive it
         self._idle: dict[str, list[_Shell]] = {}  # by the directory holding the task directories
         self._shells: list[_Shell] = []
-        self._scratch: str | None = None
         self._made = 0
 
     def _shell(self, tasks_dir: str) -> _Shell:
@@ -134,11 +134,9 @@ class LocalExecutor:
             idle = self._idle.get(tasks_dir)
             if idle:
                 return idle.pop()
-            if self._scratch is None:
-                self._scratch = tempfile.mkdtemp(prefix="pipebuild-shells-")
             self._made += 1
             n = self._made  # each server its own request file
-        shell = _Shell(tasks_dir, self._scratch, n)
+        shell = _Shell(tasks_dir, n)
         with self._lock:
             self._shells.append(shell)
         return shell
@@ -198,11 +196,8 @@ class LocalExecutor:
         """Stop the idle servers (each exits when its stdin closes)."""
         with self._lock:
             shells, self._shells, self._idle = self._shells, [], {}
-            scratch, self._scratch = self._scratch, None
         for shell in shells:
             shell.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def stop_running(self) -> None:
         """Kill the jobs running now; later jobs still start."""
