@@ -1,5 +1,5 @@
 """`python -m pipebuild`."""
 
-from .cli import main
+from .fastmake import main
 
 main()

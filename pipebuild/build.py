@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import fcntl
 import gc as pygc
 import json
@@ -209,20 +210,47 @@ def publish(src: str, dest: str) -> tuple[str, int, int, int]:
     tmp = _tmp_name(dest)
     try:
         try:
-            shutil.copyfile(src, tmp)
+            st = _copy(src, tmp)
         except FileNotFoundError:  # usually the destination's directory: make it, once
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.copyfile(src, tmp)
+            st = _copy(src, tmp)
     except BaseException:
         _unlink_quiet(tmp)  # e.g. a full disk: the old destination stays as it was
         raise
     try:
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # keeps the inode and mtime that _copy saw
     except IsADirectoryError:
         os.unlink(tmp)
         raise OSError(f"destination {dest} is a directory") from None
-    st = os.stat(dest)
     return (dest, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _copy(src: str, dst: str) -> os.stat_result:
+    """Copy a file's bytes in the kernel; returns the copy's stat data (~6 calls fewer than
+    shutil.copyfile and a stat, which publishing does once per output)."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            size = os.fstat(fin).st_size
+            done = 0
+            while True:
+                try:
+                    n = os.sendfile(fout, fin, done, max(size - done, 1 << 20))
+                except OSError as e:
+                    if done or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    with open(fin, "rb", closefd=False) as r, open(fout, "wb", closefd=False) as w:
+                        shutil.copyfileobj(r, w)  # a file system without sendfile
+                    break
+                if n == 0:
+                    break
+                done += n
+            return os.fstat(fout)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
 
 
 # -- target selection ------------------------------------------------------------------
@@ -307,6 +335,16 @@ class _Build:
         if hasattr(self.executor, "warn"):  # an executor with things to say (Cloud Batch) says them here
             setattr(self.executor, "warn", reporter.warning)  # noqa: B010
         self.keys: list[str | None] = [None] * n
+        # At most `jobs` commands run at once; preparing a task directory and publishing
+        # and cleaning up after a command (~2.5 ms per task, mostly file system calls) run
+        # outside this limit, beside other tasks' commands. A failure without -k sets
+        # `stopping` before the slot is released, so no command starts after it.
+        self.command_slots = threading.BoundedSemaphore(max(1, options.jobs))
+        self.stopping = False
+        self._spares: list[tuple[str, frozenset[str]]] = []  # emptied task directories and
+        # their subdirectories, for reuse (see _reuse_dir)
+        self._spare_count = 0
+        self._spare_lock = threading.Lock()
         # Producers whose recorded output could not be found or remade: their traces and
         # action-cache rows are dropped at the end, so the next build runs them.
         self.stale: set[int] = set()
@@ -319,7 +357,7 @@ class _Build:
             self.images = _resolve_images(self.executor, self.graph, self.selected, ws.dir)
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
-            traces = self.store.load_tasks()
+            traces = self.store.load_tasks(full=False)
             self.src = self._digest_sources()
             self._copy_inputs()
             forced = _forced(self.graph, self.selected, opts)
@@ -331,6 +369,7 @@ class _Build:
                 opts.jobs,
                 opts.keep_going,
                 [n.always_run for n in self.nodes],
+                slots=2 * opts.jobs if opts.jobs > 1 else 1,  # -j1 keeps its strict order
             )
             try:
                 sched.run(
@@ -358,6 +397,10 @@ class _Build:
                 self.result.reasons[name] = why
                 self.reporter.task(name, "not run", why)
         finally:
+            self._remove_spares()
+            close = getattr(self.executor, "close", None)  # e.g. LocalExecutor's bash servers
+            if close is not None:
+                close()
             self.result.hashed = self.stats.hashed if hasattr(self, "stats") else 0
             self.result.queries = self.store.queries
             self.store.close()
@@ -518,10 +561,7 @@ class _Build:
         return out
 
     def _execute(self, node: Node, key: str | None = None) -> _Outcome:
-        self.reporter.started(node.name)  # worker thread: the live display lists running tasks
-        t0 = time.perf_counter()
         out = _Outcome()
-        opts = self.options
         workdir = os.path.join(self.ws.tmp, safe_name(node.name))
         staged: list[tuple[str, str]] = []
         try:
@@ -529,6 +569,33 @@ class _Build:
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
+        with self.command_slots:
+            if self.stopping and not node.always_run:
+                out.failure = TaskFailure(node.name, STOPPED)
+                return out
+            self.reporter.started(node.name)  # worker thread: the live display lists running tasks
+            self._run_command(node, workdir, out, staged, key)
+            if out.failure is not None and not self.options.keep_going:
+                self.stopping = True
+        if out.failure is None:
+            try:
+                self._publish(node, out)
+            except OSError as e:
+                out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(self._log(node, "err")))
+                return out
+            out.ok = True
+            if self.options.delete_scratch:
+                self._finish_dir(node, workdir)
+            if key is not None and self.remote is not None:
+                self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
+        return out
+
+    def _run_command(
+        self, node: Node, workdir: str, out: _Outcome, staged: list[tuple[str, str]], key: str | None
+    ) -> None:
+        """Run the task's command in `workdir` and move its outputs into the store."""
+        t0 = time.perf_counter()
+        opts = self.options
         task = node.task
         job = Job(
             name=node.name,
@@ -555,19 +622,11 @@ class _Build:
             else:
                 detail = f"exit code {res.exit_code}"
             out.failure = TaskFailure(node.name, detail, show_path(job.stderr), _tail(job.stderr))
-            return out
+            return
         try:
             self._collect(node, workdir, out)
         except OSError as e:
             out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
-            return out
-        if out.failure is None:
-            out.ok = True
-            if opts.delete_scratch:
-                shutil.rmtree(workdir, ignore_errors=True)
-            if key is not None and self.remote is not None:
-                self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
-        return out
 
     def _prepare(self, node: Node, workdir: str, staged: list[tuple[str, str]]) -> list[tuple[str, int]]:
         """Lay out the task directory; returns the blobs it added to the store, and appends
@@ -578,11 +637,8 @@ class _Build:
         input cannot alter the source, and the copy is hashed as it is made, so a file
         edited since the build hashed it is caught instead of built under the old key.
         """
-        if os.path.lexists(workdir):
-            shutil.rmtree(workdir)
-        os.makedirs(os.path.join(workdir, "out"))
-        made = {workdir, os.path.join(workdir, "out")}
         added: list[tuple[str, int]] = []
+        links: list[tuple[str, str]] = []  # (blob, relpath)
         for inp in node.inputs:
             if inp.source is not None:
                 digest = self.src[inp.source]
@@ -599,13 +655,86 @@ class _Build:
                 src = self._blob_for(inp.producer, inp.producer_relpath, d)
                 digest = d
             staged.append((inp.relpath, digest))
-            dst = os.path.join(workdir, inp.relpath)
-            parent = os.path.dirname(dst)
-            if parent not in made:
-                os.makedirs(parent, exist_ok=True)
-                made.add(parent)
-            link_or_copy(src, dst)
+            links.append((src, inp.relpath))
+        # The directories a new task directory has: out/, and in/ (in/1/ ...) for its inputs.
+        dirs = {"out"}
+        for _, relpath in links:
+            d = os.path.dirname(relpath)
+            while d and d not in dirs:
+                dirs.add(d)
+                d = os.path.dirname(d)
+        if not self._reuse_dir(workdir, dirs):
+            try:
+                os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
+            except FileExistsError:
+                shutil.rmtree(workdir)
+                os.mkdir(workdir)
+            except FileNotFoundError:
+                os.makedirs(workdir)
+            for d in sorted(dirs, key=len):
+                os.mkdir(os.path.join(workdir, d))
+        for src, relpath in links:
+            link_or_copy(src, os.path.join(workdir, relpath))
         return added
+
+    # Task directories are reused: on this machine's ext4, removing a directory costs
+    # ~70 us of kernel time and making one ~8 us, but renaming one ~3 us. After a success,
+    # an emptied directory (only the empty directories _prepare made left) is renamed to a
+    # spare name under tmp/, and the next task renames a spare to its own name, then makes
+    # or removes subdirectories so that it looks new. Spares are removed at the end.
+
+    def _reuse_dir(self, workdir: str, dirs: set[str]) -> bool:
+        """Rename a spare directory to `workdir` and give it exactly the subdirectories `dirs`."""
+        with self._spare_lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is None:
+            return False
+        path, has = spare
+        try:
+            os.rename(path, workdir)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            return False
+        for d in sorted(has - dirs, key=len, reverse=True):
+            os.rmdir(os.path.join(workdir, d))
+        for d in sorted(dirs - has, key=len):
+            os.mkdir(os.path.join(workdir, d))
+        return True
+
+    def _finish_dir(self, node: Node, workdir: str) -> None:
+        """After a success: empty the task directory and keep it as a spare, else delete it."""
+        try:
+            dirs = {"out"}
+            for inp in node.inputs:
+                os.unlink(os.path.join(workdir, inp.relpath))
+                d = os.path.dirname(inp.relpath)
+                while d and d not in dirs:
+                    dirs.add(d)
+                    d = os.path.dirname(d)
+            # Only the (empty) directories _prepare made may be left: anything the command
+            # wrote elsewhere sends the directory to rmtree.
+            children: dict[str, set[str]] = {"": set()}
+            for d in dirs:
+                head, tail = os.path.split(d)
+                children.setdefault(head, set()).add(tail)
+                children.setdefault(d, set())
+            if all(set(os.listdir(os.path.join(workdir, d))) == names for d, names in children.items()):
+                with self._spare_lock:
+                    self._spare_count += 1
+                    spare = os.path.join(self.ws.tmp, f".spare{self._spare_count}")
+                os.rename(workdir, spare)
+                with self._spare_lock:
+                    self._spares.append((spare, frozenset(dirs)))
+                return
+        except OSError:
+            pass
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def _remove_spares(self) -> None:
+        with self._spare_lock:
+            spares, self._spares = self._spares, []
+        for path, _ in spares:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _blob_for(self, producer: int, relpath: str, digest: str) -> str:
         """The store path of an upstream output, re-stored from a destination if need be."""
@@ -651,7 +780,9 @@ class _Build:
                 show_path(self._log(node, "err")),
                 _tail(self._log(node, "err")),
             )
-            return
+
+    def _publish(self, node: Node, out: _Outcome) -> None:
+        """Copy each stored output to its destinations."""
         for o in node.outputs:
             digest = out.outputs.get(o.relpath)
             if digest is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 
 from .hashing import copy_and_hash, hash_file
@@ -60,7 +61,7 @@ class ContentStore:
             return
         self._dir_for(digest)
         st = os.lstat(src)
-        if st.st_nlink > 1 or not os.path.isfile(src) or os.path.islink(src):
+        if st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # Another name shares this inode (or it is a link): store a private copy, so
             # marking the blob never touches a file outside the store.
             tmp = self._tmp_file(digest)
@@ -68,7 +69,7 @@ class ContentStore:
             os.unlink(src)
             src = tmp
         _mark(src)
-        os.replace(src, self.path(digest))
+        _install(src, self.path(digest))
 
     def _tmp_file(self, digest: str) -> str:
         """A fresh temporary name: tasks running at once may store the same digest."""
@@ -92,7 +93,7 @@ class ContentStore:
                 os.unlink(tmp)
                 return False
             _mark(tmp)
-            os.replace(tmp, self.path(digest))
+            _install(tmp, self.path(digest))
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -114,6 +115,24 @@ class ContentStore:
         except FileNotFoundError:
             return 0
         return size
+
+
+def _install(src: str, path: str) -> None:
+    """Move a finished blob to `path`, unless a blob is already there (same digest, same bytes).
+
+    Never rename over an existing blob: a task being prepared may be hard-linking it at
+    that moment, and link() of a name whose inode was just replaced fails with ENOENT
+    (seen with two tasks storing the same new source at once)."""
+    try:
+        os.link(src, path)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
+            raise
+        os.replace(src, path)  # no hard links here: the old way
+        return
+    os.unlink(src)
 
 
 def _mark(path: str) -> None:

@@ -6,19 +6,18 @@ traceback), 130 interrupted (running tasks are stopped first).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc as pygc
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from .exceptions import BuildFailed, DefinitionError, PipelineException, UsageError
+from .fastmake import build_and_report, default_jobs, signals_interrupt
 
 if TYPE_CHECKING:
     from .build import Options
@@ -178,7 +177,7 @@ def make(
     force_all = force and not targets
     verbosity = _verbosity(quiet, verbose)
     opts = _build_options(
-        jobs or getattr(pipeline._backend, "_jobs", None) or getattr(pipeline._backend, "default_jobs", None),
+        default_jobs(pipeline, jobs),
         keep_going,
         explain,
         verbosity,
@@ -212,30 +211,7 @@ def make(
         typer.echo("\n# The script that builds these targets from scratch:")
         typer.echo(build.script(pipeline, opts), nl=False)
         return
-    from .report import choose
-
-    opts.reporter = choose(verbosity, explain, as_json)
-    try:
-        with _signals_interrupt():
-            result = build.build(pipeline, opts)
-    finally:
-        opts.reporter.close()
-    result.raise_for_failure()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (terminal closed) stop running tasks as Ctrl-C does."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    build_and_report(pipeline, opts, verbosity, explain, as_json)
 
 
 def _check_jobs(jobs: int | None) -> None:
@@ -292,7 +268,7 @@ def watch(
     def options() -> Options:
         return _build_options(jobs, keep_going, explain, verbosity, targets, reporter=reporter)
 
-    with _signals_interrupt():
+    with signals_interrupt():
         watching.run(path, targets or None, options, reporter, settle)
 
 

@@ -14,12 +14,14 @@ which cannot occur in a path or in a command that bash accepts.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 import xxhash
 
 FORMAT_VERSION = "pipebuild-action-1"
 _BLOCK = 1 << 20
+_SMALL = 1 << 16
 
 
 def hash_file(path: str) -> str:
@@ -34,12 +36,26 @@ def copy_and_hash(src: str, dst: str) -> str:
 
 
 def _stream(path: str, sink: Callable[[memoryview], object] | None) -> str:
-    """Read `path` in 1 MiB blocks into one reused buffer, hashing (and passing on) each."""
+    """Read `path` in 1 MiB blocks into one reused buffer, hashing (and passing on) each;
+    a file under 64 KiB in one read."""
     h = xxhash.xxh3_128()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < _SMALL:
+            # Most outputs are small: one read, no 1 MiB buffer to allocate and zero
+            # (16 of the 18 us that hashing a 12-byte file took).
+            data = os.read(fd, _SMALL)
+            if len(data) < _SMALL:
+                h.update(data)
+                if sink is not None and data:
+                    sink(memoryview(data))
+                return h.hexdigest()
+            h.update(data)  # it grew since the fstat: go on in blocks
+            if sink is not None:
+                sink(memoryview(data))
+        buf = bytearray(_BLOCK)
+        view = memoryview(buf)
         while True:
             n = os.readv(fd, [buf])
             if not n:

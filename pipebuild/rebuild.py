@@ -155,6 +155,8 @@ class Rebuilder:
                     decision.reason = Reason.REMOTE_HIT
                 return decision
             return Decision(Action.RUN, self._missing_reason(node, outs))
+        if last is not None and last.status == "ok":
+            self.store.detail(node.name, last)  # only now: says which input or command changed
         return Decision(Action.RUN, self._why_stale(last, recipe, inputs))
 
     def _verify(self, node: Node, outs: dict[str, str]) -> Decision | None:

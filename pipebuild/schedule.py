@@ -28,10 +28,15 @@ class Scheduler:
         jobs: int,
         keep_going: bool = False,
         always_run: Sequence[bool] | None = None,
+        slots: int | None = None,
     ) -> None:
         self.n = len(deps)
         self.selected = selected
         self.jobs = max(1, jobs)
+        # Work items in flight at once (default `jobs`). The build asks for more than `jobs`
+        # and limits the commands themselves to `jobs` (build._Build._execute), so its own
+        # per-task file work overlaps with running commands instead of idling a job slot.
+        self.slots = max(self.jobs, slots or 0)
         self.keep_going = keep_going
         self.always_run = always_run or [False] * self.n
         self.consumers: list[list[int]] = [[] for _ in range(self.n)]
@@ -64,7 +69,7 @@ class Scheduler:
         ready = deque(i for i in range(self.n) if self.selected[i] and self.pending[i] == 0)
         runq: deque[tuple[int, Work]] = deque()
         running: dict[cf.Future[Any], int] = {}
-        pool = cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pipebuild")
+        pool = cf.ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="pipebuild")
         try:
             while True:
                 while ready:
@@ -80,7 +85,7 @@ class Scheduler:
                 if self.failed and not self.keep_going:
                     # Stop starting work, except tasks that must run whatever happens.
                     runq = deque(item for item in runq if self.always_run[item[0]])
-                while runq and len(running) < self.jobs:
+                while runq and len(running) < self.slots:
                     i, work = runq.popleft()
                     running[pool.submit(work)] = i
                 if not running:

@@ -222,6 +222,96 @@ def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
     assert [j.name for j in fake.jobs] == ["x"], "without -k nothing new starts after the failure"
 
 
+def _independent(root: str, n: int) -> Pipeline:
+    p = Pipeline(name="independent")
+    for i in range(n):
+        t = p.new_task(name=f"t{i}")
+        t.command(f"echo {i} > {t.ofile}")
+        p.write_output(t.ofile, os.path.join(root, f"out/{i}.txt"))
+    return p
+
+
+def test_at_most_jobs_commands_run_at_once(tmp_path):
+    """Given -j2 and ten independent tasks, more work may be in flight (file work beside
+    commands), but we should never see more than two commands running at once."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running = [0, 0]  # now, most seen
+
+    def handler(job: Job) -> int:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.02)
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        with lock:
+            running[0] -= 1
+        return 0
+
+    fake = FakeExecutor(handler)
+    r = build(_independent(str(tmp_path), 10), Options(workspace=str(tmp_path), executor=fake, jobs=2, verbosity=-1))
+    assert r.ok and len(r.ran) == 10
+    assert running[1] == 2
+
+
+def test_no_command_starts_after_a_failure_with_spare_work_in_flight(tmp_path):
+    """Given -j2 without -k, tasks already prepared when a command fails must not start.
+
+    t0 fails after 0.3 s while the other slot runs 50 ms tasks; of 30 tasks, those not
+    started by then never start (one may pass the gate as t0 returns)."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    events: list[str] = []
+
+    def handler(job: Job) -> int:
+        with lock:
+            events.append("start " + job.name)
+        if job.name == "t0":
+            time.sleep(0.3)
+            with lock:
+                events.append("failed")
+            return 1
+        time.sleep(0.05)
+        with open(os.path.join(job.dir, "out/ofile"), "w") as f:
+            f.write(job.name)
+        return 0
+
+    fake = FakeExecutor(handler)
+    r = build(_independent(str(tmp_path), 30), Options(workspace=str(tmp_path), executor=fake, jobs=2, verbosity=-1))
+    assert [f.name for f in r.failed] == ["t0"]
+    after = [e for e in events[events.index("failed") + 1 :] if e.startswith("start")]
+    assert len(after) <= 1, events
+    assert len(r.ran) + len(r.not_run) == 29 and len(r.not_run) >= 15, (r.ran, r.not_run)
+
+
+def test_reused_task_directories_look_new(tmp_path):
+    """Given tasks run one after another (directories are reused), each should see only
+    what a new directory holds: in/ only with inputs, nothing a previous task left."""
+    write(str(tmp_path / "src/a.txt"), "alpha\n")
+    p = Pipeline(name="reuse")
+    a = p.new_task(name="a")
+    a.command(f"cat {p.read_input(str(tmp_path / 'src/a.txt'))} > {a.ofile}; touch stray")
+    b = p.new_task(name="b")
+    b.command(f"cat {a.ofile} > {b.ofile}")
+    c = p.new_task(name="c")
+    c.command(f"ls -A > {c.ofile}; ls -A in out >> {c.ofile} 2>&1 || true")
+    d = p.new_task(name="d")
+    d.command(f"ls -A . in out > {d.ofile}; cat {b.ofile} >> {d.ofile}")
+    d.depends_on(c)
+    for t in (c, d):
+        p.write_output(t.ofile, str(tmp_path / f"out/{t.name}"))
+    r = build(p, Options(workspace=str(tmp_path), jobs=1, verbosity=-1))
+    assert r.ok, r.failed
+    assert read(str(tmp_path / "out/c")).splitlines()[0] == "out"  # no in/: c reads nothing
+    assert read(str(tmp_path / "out/d")) == ".:\nin\nout\n\nin:\nofile\n\nout:\nofile\nalpha\n"
+    assert os.listdir(tmp_path / ".pipebuild/tmp") == []
+
+
 def test_pipeline_run_twice_runs_nothing_the_second_time(tmp_path, capsys):
     """Given a hail-style script run twice, the second p.run() should run nothing."""
     counter = tmp_path / "counter"

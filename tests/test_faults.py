@@ -30,19 +30,19 @@ def test_disk_full_while_publishing_keeps_the_previous_output(tmp_path, monkeypa
     """Given ENOSPC halfway through copying a new output, the old destination should survive intact."""
     opts = Options(workspace=str(tmp_path), verbosity=-1)
     assert build(pipeline(tmp_path, "good"), opts).ran == ["t"]
-    real_copy = build_module.shutil.copyfile
+    real_copy = build_module._copy  # what publish copies with
 
     def full_disk(src, dst, *a, **kw):
         with open(dst, "wb") as f:
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(build_module.shutil, "copyfile", full_disk)
+    monkeypatch.setattr(build_module, "_copy", full_disk)
     r = build(pipeline(tmp_path, "better"), opts)
     assert [f.name for f in r.failed] == ["t"] and "No space left on device" in r.failed[0].detail
     assert (tmp_path / "out/result.txt").read_text() == "good"
     assert not [n for n in os.listdir(tmp_path / "out") if n != "result.txt"], "a temp file was left behind"
-    monkeypatch.setattr(build_module.shutil, "copyfile", real_copy)
+    monkeypatch.setattr(build_module, "_copy", real_copy)
     r = build(pipeline(tmp_path, "better"), opts)
     assert r.ran == ["t"] and (tmp_path / "out/result.txt").read_text() == "better"
 

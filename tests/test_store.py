@@ -613,14 +613,44 @@ def test_remove_returns_the_bytes_freed(cas, tmp_path):
     assert cas.remove(d) == 0
 
 
-@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345])
+SMALL = 1 << 16  # hashing.py reads a file under this size in one call
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL - 1, SMALL, SMALL + 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345])
 def test_hash_file_equals_xxh3_128_of_the_bytes(tmp_path, size):
     """Given files around and beyond the 1 MiB read block, hash_file should equal xxh3_128 of all the bytes."""
     data = random.Random(size).randbytes(size)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     assert hash_file(str(path)) == xxhash.xxh3_128(data).hexdigest()
+    from pipebuild.hashing import copy_and_hash
+
+    assert copy_and_hash(str(path), str(tmp_path / "copy")) == xxhash.xxh3_128(data).hexdigest()
+    assert (tmp_path / "copy").read_bytes() == data
     if size > BLOCK:
         # A change in the last block changes the digest.
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
         assert hash_file(str(path)) != xxhash.xxh3_128(data).hexdigest()
+
+
+def test_storing_a_blob_never_replaces_one_already_there(tmp_path):
+    """Given two tasks storing the same new source at once, the second copy must not be
+    renamed over the first: a task hard-linking the blob at that moment would get ENOENT
+    (link() of a name whose inode was just replaced). The blob keeps its first inode."""
+    from pipebuild.cas import ContentStore
+    from pipebuild.hashing import hash_file
+
+    src = tmp_path / "src.txt"
+    src.write_text("same bytes\n")
+    digest = hash_file(str(src))
+    cas = ContentStore(str(tmp_path / "cas"))
+    assert cas.put_copy(str(src), digest)
+    held = tmp_path / "task-input"  # a task's hard link to the first blob
+    os.link(cas.path(digest), held)
+    cas.has = lambda d: False  # type: ignore[method-assign]
+    assert cas.put_copy(str(src), digest)
+    out = tmp_path / "out"
+    out.write_text("same bytes\n")
+    cas.put(str(out), digest)
+    assert os.path.samefile(cas.path(digest), held)
+    assert not out.exists() and os.listdir(cas.tmp) == []

@@ -466,6 +466,12 @@ class DispatchExecutor:
         if self.docker is not None:
             self.docker.stop_running()
 
+    def close(self) -> None:
+        """Let go of what the host executor keeps between jobs (its bash servers)."""
+        close = getattr(self.host, "close", None)
+        if close is not None:
+            close()
+
 
 def default_executor(backend: object = None) -> DispatchExecutor:
     """The executor for a build: settings from a LocalBackend, else from the environment."""

@@ -1,99 +1,228 @@
-"""The local executor: bash on this machine, one process group per job."""
+"""The local executor: bash on this machine, one process group per job.
+
+Each job runs in a shell forked from a long-lived bash (`_Shell`, one per job running at
+once), not in a new `bash -c` process: starting bash (exec, dynamic linking, start-up)
+costs ~0.8 ms of CPU per task, a third of what a one-line task costs in all, and that
+server forks in ~0.1 ms. The forked shell is what `bash -c` would be: its own process
+group (timeouts and Ctrl-C kill the whole group), the task directory as working
+directory, stdin from /dev/null, stdout and stderr to the log files, PIPEBUILD_TASK_DIR
+and the job's environment exported, and the script evaluated with nothing of the server
+left in its variables. What differs: `$-` lacks `c`, and a job killed by a signal reports
+exit code 128+N as a shell does (a child of Python saw -N).
+
+A request is written to a file (bash reads a pipe one byte at a time, a file in blocks);
+one byte on the server's stdin says "go", and it answers with the job's pid, then its exit
+status. Servers see EOF and exit when pipebuild exits; `close` stops them sooner.
+"""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
+import time
 
-from . import STOPPED, Job, JobResult, long_script_file
+from . import STOPPED, Job, JobResult
+
+# The server loop, on one line: the script is evaluated on line 1 of bash -c's string, so
+# an error in its line N says `bash: line N:`, as under `bash -c SCRIPT`. Fields of a
+# request, NUL-terminated: task directory, stdout, stderr, the number of environment
+# entries, the entries (NAME=VALUE), the script.
+_LOOP = (
+    r"""set -m; while IFS= read -r -n 1 __pb_go; do mapfile -d '' -t __pb_f < "$1" || exit 1; """
+    r"""( set +m; cd -- "${__pb_f[0]}" || exit 126; """
+    r"""exec </dev/null >"${__pb_f[1]}" 2>"${__pb_f[2]}" || exit 126; """
+    r"""export PIPEBUILD_TASK_DIR="${__pb_f[0]}"; """
+    r"""for ((__pb_i = 4; __pb_i < 4 + __pb_f[3]; __pb_i++)); do export "${__pb_f[__pb_i]}"; done; """
+    r"""__pb_s=${__pb_f[__pb_i]}; eval "unset __pb_go __pb_f __pb_i __pb_s __pb_rc; $__pb_s" ) & """
+    r"""echo "$!" >"$2"; echo "$!"; wait "$!"; __pb_rc=$?; : >"$2"; echo "$__pb_rc"; done"""
+)
+# Set in every server's environment (so in /proc/PID/environ of the job's shell, which
+# keeps the environment it was forked with): lets stop_orphans recognise a job. The server
+# writes its running job's pid to `.shell<n>.pid` beside the task directories (empty when
+# idle), so a build killed with -9 leaves what stop_orphans needs without pipebuild
+# writing and deleting a pidfile per task.
+TASKS_ENV = "PIPEBUILD_TASKS"
+
+
+class _ShellExited(Exception):
+    pass
+
+
+class _Shell:
+    """One server bash; used by one job at a time."""
+
+    def __init__(self, tasks_dir: str, n: int) -> None:
+        # Beside the task directories, so a build killed with -9 leaves nothing elsewhere:
+        # the next build's Workspace.recover removes them with the rest of tmp/.
+        self.request = os.path.join(tasks_dir, f".shell{n}.req")
+        self.pidfile = os.path.join(tasks_dir, f".shell{n}.pid")
+        env = dict(os.environ)
+        env[TASKS_ENV] = tasks_dir
+        self.proc = subprocess.Popen(
+            ["bash", "-c", _LOOP, "bash", self.request, self.pidfile], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=env, start_new_session=True, bufsize=0,
+        )  # fmt: skip
+        self._buf = b""
+
+    def start(self, job: Job) -> int:
+        """Fork the job's shell; returns its pid (also its process group)."""
+        fields = [job.dir, job.stdout, job.stderr, str(len(job.env))]
+        fields += [f"{k}={v}" for k, v in job.env.items()]
+        fields.append(job.script)
+        data = b"\0".join(f.encode("utf-8", "surrogateescape") for f in fields) + b"\0"
+        with open(self.request, "wb") as f:
+            f.write(data)
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(b"\n")
+        except OSError:
+            raise _ShellExited from None
+        return int(self.line(None))
+
+    def line(self, deadline: float | None) -> bytes:
+        """The next line from the server; TimeoutError at `deadline` (time.monotonic())."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise TimeoutError
+            chunk = os.read(fd, 64)
+            if not chunk:
+                raise _ShellExited
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        """Let the server exit (EOF on its stdin) and reap it."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        for path in (self.pidfile, self.request):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class LocalExecutor:
-    """Runs each job as `bash -c SCRIPT` in its task directory."""
+    """Runs each job as a bash shell in its task directory (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, None] = {}  # pids (= process groups) of the jobs running now
         self._lock = threading.Lock()
         self._cancelled = False
         self._stopped: set[int] = set()
         self._stop_gen = 0  # bumped by stop_running: a job begun before it must not outlive it
+        self._idle: dict[str, list[_Shell]] = {}  # by the directory holding the task directories
+        self._shells: list[_Shell] = []
+        self._made = 0
+
+    def _shell(self, tasks_dir: str) -> _Shell:
+        with self._lock:
+            idle = self._idle.get(tasks_dir)
+            if idle:
+                return idle.pop()
+            self._made += 1
+            n = self._made  # each server its own request file
+        shell = _Shell(tasks_dir, n)
+        with self._lock:
+            self._shells.append(shell)
+        return shell
+
+    def _release(self, tasks_dir: str, shell: _Shell) -> None:
+        with self._lock:
+            self._idle.setdefault(tasks_dir, []).append(shell)
 
     def run(self, job: Job) -> JobResult:
         """Run the job; kill its process group when it exceeds its timeout."""
-        env = dict(os.environ)
-        env.update(job.env)
-        env["PIPEBUILD_TASK_DIR"] = job.dir
-        path = long_script_file(job)
-        argv = ["bash", path] if path else ["bash", "-c", job.script]
+        tasks_dir = os.path.dirname(job.dir)
         gen = self._stop_gen
-        with open(job.stdout, "wb") as out, open(job.stderr, "wb") as err:
-            with self._lock:
-                if self._cancelled:
-                    return JobResult(130, error="interrupted")
-                try:
-                    p = subprocess.Popen(
-                        argv, cwd=job.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                        env=env, start_new_session=True,
-                    )  # fmt: skip
-                except OSError as e:
-                    return JobResult(127, error=f"cannot start bash: {e}")
-                self._procs[p.pid] = p
-                if gen != self._stop_gen:  # stop_running came while this job was starting
-                    self._stopped.add(p.pid)
-                    _killpg(p.pid)
-            # If pipebuild itself is killed (-9), the next build finds this file and stops
-            # the orphaned task before it reuses its directory (build.Workspace.recover).
-            pidfile = job.dir + ".pid"
-            with open(pidfile, "w") as f:
-                f.write(str(p.pid))
+        if self._cancelled:
+            return JobResult(130, error="interrupted")
+        try:
+            shell = self._shell(tasks_dir)
+        except OSError as e:
+            return JobResult(127, error=f"cannot start bash: {e}")
+        try:
+            pid = shell.start(job)
+        except (_ShellExited, ValueError, OSError) as e:
+            shell.close()
+            return JobResult(127, error=f"cannot start bash: {e or 'the shell exited'}")
+        with self._lock:
+            self._procs[pid] = None
+            if self._cancelled or gen != self._stop_gen:  # stopped while this job was starting
+                self._stopped.add(pid)
+                _killpg(pid)
+        # If pipebuild itself is killed (-9), the next build finds the server's pidfile and
+        # stops the orphaned task before it reuses its directory (build.Workspace.recover).
+        try:
+            deadline = None if job.timeout is None else time.monotonic() + job.timeout
+            timed_out = False
             try:
-                try:
-                    code = p.wait(timeout=job.timeout)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    _killpg(p.pid)
-                    code = p.wait()
-                    timed_out = True
-            finally:
-                with self._lock:
-                    self._procs.pop(p.pid, None)
-                try:
-                    os.unlink(pidfile)
-                except FileNotFoundError:
-                    pass
+                code = int(shell.line(deadline))
+            except TimeoutError:
+                _killpg(pid)
+                code = int(shell.line(None))
+                timed_out = True
+            self._release(tasks_dir, shell)
+        except (_ShellExited, ValueError):
+            shell.close()
+            _killpg(pid)
+            return JobResult(127, error="the bash running the task exited")
+        finally:
+            with self._lock:
+                self._procs.pop(pid, None)
         if self._cancelled and code != 0:
             return JobResult(code, error="interrupted")
         with self._lock:
-            if p.pid in self._stopped:
-                self._stopped.discard(p.pid)
+            if pid in self._stopped:
+                self._stopped.discard(pid)
                 return JobResult(code, error=STOPPED)
         return JobResult(code, timed_out=timed_out)
+
+    def close(self) -> None:
+        """Stop the idle servers (each exits when its stdin closes)."""
+        with self._lock:
+            shells, self._shells, self._idle = self._shells, [], {}
+        for shell in shells:
+            shell.close()
 
     def stop_running(self) -> None:
         """Kill the jobs running now; later jobs still start."""
         with self._lock:
             self._stop_gen += 1
-            procs = list(self._procs.values())
-            self._stopped.update(p.pid for p in procs)
-        for p in procs:
-            _killpg(p.pid)
+            pids = list(self._procs)
+            self._stopped.update(pids)
+        for pid in pids:
+            _killpg(pid)
 
     def cancel_all(self) -> None:
         """Kill every running job's process group; no new job starts afterwards."""
         with self._lock:
             self._cancelled = True
-            procs = list(self._procs.values())
-        for p in procs:
-            _killpg(p.pid)
+            pids = list(self._procs)
+        for pid in pids:
+            _killpg(pid)
 
 
 def stop_orphans(tmp_dir: str) -> int:
     """Kill the process groups of tasks left running by a pipebuild that was killed.
 
     A pid is only trusted when that process still runs with PIPEBUILD_TASK_DIR set to the
-    task's directory, so a recycled pid is never signalled. Returns how many were stopped.
+    task's directory, or PIPEBUILD_TASKS to `tmp_dir` (a shell forked by a `_Shell` server),
+    so a recycled pid is never signalled. Returns how many were stopped.
     """
     stopped = 0
     try:
@@ -111,7 +240,7 @@ def stop_orphans(tmp_dir: str) -> int:
                 environ = f.read().split(b"\0")
         except (OSError, ValueError):
             continue
-        if f"PIPEBUILD_TASK_DIR={task_dir}".encode() in environ:
+        if f"PIPEBUILD_TASK_DIR={task_dir}".encode() in environ or f"{TASKS_ENV}={tmp_dir}".encode() in environ:
             _killpg(pid)
             stopped += 1
     return stopped
