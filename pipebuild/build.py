@@ -574,7 +574,7 @@ class _Build:
                 out.failure = TaskFailure(node.name, STOPPED)
                 return out
             self.reporter.started(node.name)  # worker thread: the live display lists running tasks
-            self._run_command(node, workdir, out, staged, key)
+            reusable = self._run_command(node, workdir, out, staged, key)
             if out.failure is not None and not self.options.keep_going:
                 self.stopping = True
         if out.failure is None:
@@ -585,15 +585,19 @@ class _Build:
                 return out
             out.ok = True
             if self.options.delete_scratch:
-                self._finish_dir(node, workdir)
+                if reusable:
+                    self._finish_dir(node, workdir)
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
             if key is not None and self.remote is not None:
                 self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
 
     def _run_command(
         self, node: Node, workdir: str, out: _Outcome, staged: list[tuple[str, str]], key: str | None
-    ) -> None:
-        """Run the task's command in `workdir` and move its outputs into the store."""
+    ) -> bool:
+        """Run the task's command in `workdir` and move its outputs into the store. Returns
+        False if the directory must not be reused (a process the task started still runs)."""
         t0 = time.perf_counter()
         opts = self.options
         task = node.task
@@ -622,11 +626,12 @@ class _Build:
             else:
                 detail = f"exit code {res.exit_code}"
             out.failure = TaskFailure(node.name, detail, show_path(job.stderr), _tail(job.stderr))
-            return
+            return False
         try:
             self._collect(node, workdir, out)
         except OSError as e:
             out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
+        return not res.left_running
 
     def _prepare(self, node: Node, workdir: str, staged: list[tuple[str, str]]) -> list[tuple[str, int]]:
         """Lay out the task directory; returns the blobs it added to the store, and appends

@@ -103,6 +103,11 @@ def run(opts: dict[str, object]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("pipebuild: interrupted\n")
         return 130
+    except BrokenPipeError:  # `pipebuild make | head`: exit 1 quietly, as click does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        os.close(devnull)
+        return 1
     return 0
 
 

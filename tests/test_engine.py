@@ -312,6 +312,22 @@ def test_reused_task_directories_look_new(tmp_path):
     assert os.listdir(tmp_path / ".pipebuild/tmp") == []
 
 
+def test_a_process_a_task_leaves_behind_cannot_write_into_the_next_task(tmp_path):
+    """Given task a leaving a background writer in its directory, task b (run next, -j1)
+    should publish its own bytes: a's directory is deleted, not reused for b."""
+    p = Pipeline(name="leftover")
+    a = p.new_task(name="a")
+    a.command(f"echo a > {a.ofile}; (sleep 0.5; echo 'written by a' > {a.ofile}; touch stray) >/dev/null 2>&1 &")
+    b = p.new_task(name="b")
+    b.command(f"echo b > {b.ofile}; sleep 1.5; ls -A >&2")
+    b.depends_on(a)
+    p.write_output(b.ofile, str(tmp_path / "b.txt"))
+    r = build(p, Options(workspace=str(tmp_path), jobs=1, verbosity=-1))
+    assert r.ok, r.failed
+    assert read(str(tmp_path / "b.txt")) == "b\n"
+    assert read(str(tmp_path / ".pipebuild/logs/b.err")) == "out\n"
+
+
 def test_pipeline_run_twice_runs_nothing_the_second_time(tmp_path, capsys):
     """Given a hail-style script run twice, the second p.run() should run nothing."""
     counter = tmp_path / "counter"

@@ -5,6 +5,7 @@ path must not take, that it hands them to typer (returns None). A subprocess che
 sure `pipebuild make` does not import typer at all.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,20 @@ def test_make_without_j_takes_jobs_from_the_pipefile_backend(
         else:
             assert CliRunner().invoke(cli.app, argv).exit_code == 0
     assert seen == [3, 2]
+
+
+def test_a_closed_stdout_ends_make_quietly(tmp_path: Path) -> None:
+    # Given `pipebuild make | head -1`, the fast path exits 1 without a traceback, as typer's does.
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "for i in range(40):\n"
+        "    t = p.new_task(name=f't{i}')\n"
+        "    t.command(f'sleep 0.02; echo {i} > {t.ofile}')\n"
+        "    p.write_output(t.ofile, f'out/{i}.txt')\n"
+    )
+    r = subprocess.run(
+        ["bash", "-c", f'"{PIPEBUILD}" make -j 2 | head -1 >/dev/null; echo "status=${{PIPESTATUS[0]}}" >&2'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    assert r.stderr == "status=1\n"

@@ -6,12 +6,15 @@ variables, a timeout that kills the whole process group, scripts of any length.
 """
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from pipebuild.executors import Job
-from pipebuild.executors.local import LocalExecutor, stop_orphans
+from pipebuild.executors.local import LocalExecutor, needs_own_bash, stop_orphans
 
 
 def job(tmp_path: Path, name: str, body: str, **kw: object) -> Job:
@@ -82,9 +85,109 @@ def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path) -> None:
     j = job(tmp_path, "orphan", marker)
     shell = ex._shell(os.path.dirname(j.dir))
     try:
-        pid = shell.start(j)
+        pid = shell.start(j, "e")
         assert Path(shell.pidfile).read_text().strip() == str(pid)
         assert stop_orphans(str(tmp_path / "tmp")) == 1
         assert int(shell.line(time.monotonic() + 10)) == 137
     finally:
         ex.close()
+
+
+# What a script can observe of its shell. The first block never mentions what
+# needs_own_bash looks for (so it runs in the forked shell); PROBE_OWN adds `$$` (so it
+# runs in a bash of its own).
+PROBE = r"""echo "argc=$# args=$*"
+echo "oldpwd=${OLDPWD-<unset>}"
+declare -p OLDPWD 2>&1 | sed 's/=.*//' || true
+echo "seconds=$SECONDS shlvl=$SHLVL zero=$0 opts=${-//c/}"
+echo "tasks=${PIPEBUILD_TASKS-<unset>}"
+trap 'echo "exit trap $?"' EXIT
+env | grep -v -e '^_=' -e '^PIPEBUILD_TASK_DIR=' | sort
+"""
+PROBE_OWN = (
+    PROBE
+    + r"""echo "subshell=$BASH_SUBSHELL"
+[ "$$" = "$BASHPID" ] && echo "dollar is the shell" || echo "dollar is another process"
+"""
+)
+
+
+@pytest.mark.parametrize("body", [PROBE, PROBE_OWN], ids=["forked", "own-bash"])
+def test_what_a_script_sees_equals_bash_c(tmp_path: Path, body: str) -> None:
+    # Oracle: the same script under `bash -c` in the same directory and environment.
+    assert needs_own_bash(body) == (body is PROBE_OWN)
+    j = job(tmp_path, "probe", body)
+    env = dict(os.environ, PIPEBUILD_TASK_DIR=j.dir)
+    want = subprocess.run(
+        ["bash", "-c", j.script], cwd=j.dir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    ex = LocalExecutor()
+    try:
+        ex.run(job(tmp_path, "warm-up", "cd /; true"))  # the server has run a job before
+        r = ex.run(j)
+    finally:
+        ex.close()
+    assert r.exit_code == want.returncode == 0
+    assert Path(j.stdout).read_text() == want.stdout
+    assert Path(j.stderr).read_text() == want.stderr
+
+
+def test_each_job_has_its_own_dollar_dollar(tmp_path: Path) -> None:
+    # Given jobs run one after another on one server, `$$` differs between them and is
+    # each job's own shell: `kill -TERM $$` reaches the job's trap, not the server.
+    ex = LocalExecutor()
+    try:
+        pids = []
+        for i in range(3):
+            j = job(tmp_path, f"p{i}", 'mkdir "scratch.$$"; echo $$ $BASHPID')
+            assert ex.run(j).exit_code == 0
+            dollar, bashpid = Path(j.stdout).read_text().split()
+            assert dollar == bashpid
+            pids.append(dollar)
+        assert len(set(pids)) == 3
+        t = job(tmp_path, "selfterm", 'trap "echo caught >&2; exit 3" TERM; kill -TERM $$; sleep 5')
+        assert ex.run(t).exit_code == 3
+        assert Path(t.stderr).read_text() == "caught\n"
+        assert len(ex._shells) == 1  # the server survived
+    finally:
+        ex.close()
+
+
+def test_a_long_script_in_its_own_bash_runs_and_leaves_no_file(tmp_path: Path) -> None:
+    ex = LocalExecutor()
+    try:
+        lines = "\n".join(f"echo {i}" for i in range(30000)) + "\necho $$ >/dev/null"
+        j = job(tmp_path, "long", lines)
+        assert ex.run(j).exit_code == 0
+        assert Path(j.stdout).read_text().split() == [str(i) for i in range(30000)]
+        assert not os.path.exists(j.dir + ".sh")
+    finally:
+        ex.close()
+
+
+def test_a_server_killed_while_idle_is_replaced(tmp_path: Path) -> None:
+    ex = LocalExecutor()
+    try:
+        assert ex.run(job(tmp_path, "a", "true")).exit_code == 0
+        (shell,) = ex._shells
+        os.killpg(shell.proc.pid, signal.SIGKILL)
+        shell.proc.wait()
+        r = ex.run(job(tmp_path, "b", "echo ok"))
+        assert (r.exit_code, r.error) == (0, None)
+        assert (tmp_path / "b.out").read_text() == "ok\n"
+    finally:
+        ex.close()
+
+
+def test_a_process_left_running_is_reported(tmp_path: Path) -> None:
+    # Given a job that leaves a background process behind, the result says so (the build
+    # then deletes its directory instead of handing it to the next task).
+    ex = LocalExecutor()
+    marker = f"sleep 39.{os.getpid()}{time.time_ns() % 1000}"
+    try:
+        assert not ex.run(job(tmp_path, "clean", "sleep 0.01 & wait")).left_running
+        r = ex.run(job(tmp_path, "leaves", f"{marker} >/dev/null 2>&1 &"))
+        assert r.exit_code == 0 and r.left_running
+    finally:
+        ex.close()
+        subprocess.run(["pkill", "-f", marker])

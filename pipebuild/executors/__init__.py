@@ -55,6 +55,9 @@ class JobResult:
     exit_code: int
     timed_out: bool = False
     error: str | None = None
+    # A process the job started still runs (in its process group), maybe still writing in
+    # the task directory: the directory must be deleted, never reused for another task.
+    left_running: bool = False
 
 
 class Executor(Protocol):
