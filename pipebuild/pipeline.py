@@ -19,10 +19,14 @@ from .task import Task, _undefined
 _pipeline_counter = itertools.count()
 
 
+_places: dict[tuple[str, int], tuple[str, int]] = {}  # one tuple per call site, not per call
+
+
 def _caller(depth: int = 2) -> tuple[str, int] | None:
     """(file, line) of the user code that called into the API (`depth` frames up)."""
     f = sys._getframe(depth)
-    return (f.f_code.co_filename, f.f_lineno)
+    where = (f.f_code.co_filename, f.f_lineno)
+    return _places.setdefault(where, where)
 
 
 class Pipeline:
