@@ -215,11 +215,12 @@ def timed_make(root: Path, log: Path, *args: str) -> tuple[str, float, float]:
     t0 = time.monotonic()
     proc = start_make(root, log, *args)
     started = wait_for_work(root, proc)
-    assert started is not None, f"never saw .pipebuild/building (see wait_for_work):\n{log.read_text()}"
     code = proc.wait(timeout=TIMEOUT)
     end = time.monotonic()
     out = log.read_text()
     assert code == 0, out
+    if started is None:  # a no-op can begin and end between two polls: its work took ~0 s
+        started = end
     return out, started - t0, end - started
 
 
