@@ -73,6 +73,21 @@ class BackendName(str, Enum):
     batch = "batch"
 
 
+RemoteCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--remote-cache",
+        metavar="gs://BUCKET/PREFIX",
+        help="Share the cache across machines (default: $PIPEBUILD_REMOTE_CACHE).",
+    ),
+]
+RemoteReadOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--remote-cache-read-only",
+        help="Read the remote cache, never write it (or PIPEBUILD_REMOTE_CACHE_READ_ONLY=1).",
+    ),
+]
 BackendOpt = Annotated[
     BackendName | None,
     typer.Option(
@@ -149,21 +164,8 @@ def make(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
-    remote_cache: Annotated[
-        str | None,
-        typer.Option(
-            "--remote-cache",
-            metavar="gs://BUCKET/PREFIX",
-            help="Share the cache across machines (default: $PIPEBUILD_REMOTE_CACHE).",
-        ),
-    ] = None,
-    remote_cache_read_only: Annotated[
-        bool,
-        typer.Option(
-            "--remote-cache-read-only",
-            help="Read the remote cache, never write it (or PIPEBUILD_REMOTE_CACHE_READ_ONLY=1).",
-        ),
-    ] = False,
+    remote_cache: RemoteCacheOpt = None,
+    remote_cache_read_only: RemoteReadOnlyOpt = False,
     backend: BackendOpt = None,
     file: FileOpt = None,
     directory: DirOpt = None,
@@ -251,6 +253,9 @@ def watch(
     settle: Annotated[
         float, typer.Option("--settle", min=0.0, help="Seconds without a new change before rebuilding.")
     ] = 0.2,
+    remote_cache: RemoteCacheOpt = None,
+    remote_cache_read_only: RemoteReadOnlyOpt = False,
+    backend: BackendOpt = None,
     file: FileOpt = None,
     directory: DirOpt = None,
 ) -> None:
@@ -260,13 +265,22 @@ def watch(
     from . import watch as watching
     from .report import choose
 
+    if remote_cache:
+        from .remote import parse
+
+        parse(remote_cache)
     path = load.find(file, directory)
     os.chdir(os.path.dirname(path))
     verbosity = _verbosity(quiet, verbose)
     reporter = choose(verbosity, explain, as_json)
 
-    def options() -> Options:
-        return _build_options(jobs, keep_going, explain, verbosity, targets, reporter=reporter)
+    def options(pipeline: Pipeline) -> Options:
+        """Each build's options, as `make` would choose them for the Pipefile just loaded."""
+        _use_backend(pipeline, backend)
+        return _build_options(
+            default_jobs(pipeline, jobs), keep_going, explain, verbosity, targets, reporter=reporter,
+            remote_cache=remote_cache, remote_cache_read_only=remote_cache_read_only,
+        )  # fmt: skip
 
     with signals_interrupt():
         watching.run(path, targets or None, options, reporter, settle)

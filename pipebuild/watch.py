@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver, ObservedWatch
 
     from .build import Options
+    from .pipeline import Pipeline
     from .report import Reporter
 
 SETTLE = 0.2  # seconds of quiet after the last change; editors write in bursts of < 50 ms
@@ -94,14 +95,14 @@ class Session:
         self,
         pipefile: str,
         targets: list[str] | None,
-        options: Callable[[], Options],
+        options: Callable[[Pipeline], Options],
         reporter: Reporter,
         on_plan: Callable[[Watched], None] = lambda watched: None,
     ) -> None:
         self.pipefile = pipefile
         self.root = os.path.dirname(pipefile)
         self.targets = targets
-        self.options = options  # a fresh Options per build
+        self.options = options  # a fresh Options per build, for the pipeline just loaded
         self.reporter = reporter
         self.on_plan = on_plan  # called with the new watch set before the build starts
         self.watched = Watched()
@@ -123,7 +124,7 @@ class Session:
                 pipeline = load.load(self.pipefile)
             finally:
                 self.modules = self._project_modules(set(sys.modules) - before)
-            options = self.options()
+            options = self.options(pipeline)
             graph = plan(pipeline, options.workspace, options.state_dir)
             roots = build.select(graph, self.targets)
         except PipelineException as e:
@@ -255,7 +256,7 @@ def _handler(events: queue.Queue[tuple[str, ...]]) -> FileSystemEventHandler:
 def run(
     pipefile: str,
     targets: list[str] | None,
-    options: Callable[[], Options],
+    options: Callable[[Pipeline], Options],
     reporter: Reporter,
     settle: float = SETTLE,
 ) -> None:

@@ -343,3 +343,30 @@ def test_py_files_beside_a_broken_pipefile_count(tmp_path):
     assert not watched.counts(str(tmp_path / "notes.txt"))
     assert not watched.counts(str(tmp_path / "sub" / "deep.py"))
     assert not watched.counts(str(tmp_path / ".pipebuild" / "x.py"))
+
+
+def test_watch_chooses_jobs_backend_and_remote_cache_as_make_does(tmp_path, monkeypatch):
+    """Given LocalBackend(jobs=3) in the Pipefile, each build of `watch` gets 3 slots (or -j),
+    the --remote-cache flags, and with --backend batch a BatchBackend, as `make` would."""
+    from typer.testing import CliRunner
+
+    from pipebuild import cli, load
+    from pipebuild import watch as watching
+
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import LocalBackend, Pipeline\np = Pipeline(backend=LocalBackend(jobs=3))\n"
+    )
+    seen = {}
+    monkeypatch.setattr(watching, "run", lambda path, targets, options, reporter, settle: seen.update(locals()))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli.app, ["watch", "--remote-cache", "gs://bucket/ci", "--remote-cache-read-only"])
+    assert r.exit_code == 0, r.output
+    opts = seen["options"](load.load(seen["path"]))
+    assert (opts.jobs, opts.remote_cache, opts.remote_cache_read_only) == (3, "gs://bucket/ci", True)
+    r = CliRunner().invoke(cli.app, ["watch", "-j", "2", "--backend", "batch"])
+    assert r.exit_code == 0, r.output
+    pipeline = load.load(seen["path"])
+    opts = seen["options"](pipeline)
+    assert opts.jobs == 2 and type(pipeline._backend).__name__ == "BatchBackend"
+    r = CliRunner().invoke(cli.app, ["watch", "--remote-cache", "s3://x"])
+    assert r.exit_code == 2 and "gs://" in r.output
