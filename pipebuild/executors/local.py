@@ -8,9 +8,9 @@ group (timeouts and Ctrl-C kill the whole group), the task directory as working
 directory, stdin from /dev/null, stdout and stderr to the log files, PIPEBUILD_TASK_DIR
 and the job's environment exported, no positional parameters, OLDPWD, SHLVL and SECONDS
 as a new bash has them, and nothing of the server left in its variables
-(tests/test_local_executor.py compares the two). What a fork cannot change, `$$` (it
-stays the server's pid) and BASH_SUBSHELL, a script that mentions them, or that runs
-other code with `source`, `.` or `eval`, gets a bash of its own, exec'd from the fork
+(tests/test_local_executor.py compares the two). A fork cannot change `$$` (it stays
+the server's pid) or BASH_SUBSHELL, so a script that mentions them, or that runs other
+code with `source`, `.` or `eval`, gets a bash of its own, exec'd from the fork
 (`needs_own_bash`). Still different: `$-` lacks `c`, a syntax error is reported as
 `bash: eval: line N` rather than `bash: -c: line N`, and a job killed by a signal
 reports exit code 128+N as a shell does (a child of Python saw -N).
