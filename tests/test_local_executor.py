@@ -77,7 +77,8 @@ def test_a_long_script_runs(tmp_path: Path) -> None:
         ex.close()
 
 
-def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["e", "c"], ids=["forked", "own-bash"])
+def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path, how: str) -> None:
     # Given a server running a job (its .shell<n>.pid names the job's shell, written before
     # the pid is reported), stop_orphans kills the job's group, as after a kill -9 of pipebuild.
     ex = LocalExecutor()
@@ -85,7 +86,12 @@ def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path) -> None:
     j = job(tmp_path, "orphan", marker)
     shell = ex._shell(os.path.dirname(j.dir))
     try:
-        pid = shell.start(j, "e")
+        pid = shell.start(j, how)
+        if how == "c":  # wait for the exec: from then on /proc/PID/environ lacks PIPEBUILD_TASKS
+            deadline = time.monotonic() + 10
+            while b"PIPEBUILD_TASKS=" in Path(f"/proc/{pid}/environ").read_bytes():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         assert Path(shell.pidfile).read_text().strip() == str(pid)
         assert stop_orphans(str(tmp_path / "tmp")) == 1
         assert int(shell.line(time.monotonic() + 10)) == 137
