@@ -58,7 +58,9 @@ TargetsArg = Annotated[
     list[str] | None,
     typer.Argument(help="Destinations or task names (default: all).", autocompletion=_complete_targets),
 ]
-JobsOpt = Annotated[int | None, typer.Option("-j", "--jobs", help="Tasks at once (default: cores).")]
+JobsOpt = Annotated[
+    int | None, typer.Option("-j", "--jobs", help="Commands at once (default: the backend's jobs, else the cores).")
+]
 KeepGoingOpt = Annotated[bool, typer.Option("-k", "--keep-going", help="Go on with what does not depend on a failure.")]
 ExplainOpt = Annotated[bool, typer.Option("--explain", help="Say why each task ran or was skipped.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Print failures only.")]
