@@ -9,14 +9,17 @@ PIPEBUILD_REQUIRE_DOCKER=1 (.ci/run sets it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import socket
 import subprocess
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -31,11 +34,44 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def unavailable(why: str) -> None:
-    """Skip, or fail when the CI requires the emulator."""
+def unavailable(why: str, needs: str = "the GCS emulator") -> NoReturn:
+    """Skip, or fail when the CI requires what is missing (`needs`)."""
     if REQUIRE:
-        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires the GCS emulator)")
+        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires {needs})")
     pytest.skip(why)
+
+
+def docker_client(needs: str = "Docker", **kwargs: Any) -> Any:
+    """A client of the running dockerd (`docker.from_env(**kwargs)`, pinged), or unavailable."""
+    try:
+        import docker
+    except ImportError:
+        unavailable("the 'docker' package is not installed", needs)
+    why = None
+    try:
+        client = docker.from_env(**kwargs)
+        client.ping()
+    except docker.errors.DockerException as e:
+        why = f"no Docker daemon: {e}"
+    if why is not None:
+        with warnings.catch_warnings():  # the SDK leaves its failed socket to the collector
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        unavailable(why, needs)
+    return client
+
+
+def docker_client_with(image: str, needs: str = "Docker", **kwargs: Any) -> Any:
+    """docker_client(), once `image` is there (tests/build_test_images.sh builds it if not)."""
+    from runtime_image import ensure_image
+
+    client = docker_client(needs, **kwargs)
+    try:
+        ensure_image(client, image)
+    except RuntimeError as e:
+        client.close()
+        unavailable(str(e), needs)
+    return client
 
 
 def free_port() -> int:
@@ -120,17 +156,15 @@ def bucket(emulator):  # type: ignore[no-untyped-def]
 
 # -- the Google Cloud Batch stand-in (tests/batch_standin.py) ---------------------------
 
-import gc  # noqa: E402
-import warnings  # noqa: E402
-
 BATCH_IMAGE = "pipebuild-test:bash"
 
 
-def batch_unavailable(why: str) -> None:
+BATCH_NEEDS = "Docker and the Batch stand-in"
+
+
+def batch_unavailable(why: str) -> NoReturn:
     """Skip, or fail when the CI requires Docker (the stand-in runs jobs in Docker)."""
-    if REQUIRE:
-        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires Docker and the Batch stand-in)")
-    pytest.skip(why)
+    unavailable(why, BATCH_NEEDS)
 
 
 def batch_client(endpoint: str):  # type: ignore[no-untyped-def]
@@ -145,33 +179,10 @@ def batch_standin(tmp_path):  # type: ignore[no-untyped-def]
     """A started Batch stand-in running jobs under tmp_path/batch; its `env` carries
     STORAGE_EMULATOR_HOST when that is set (put the `emulator` fixture first). Stopped after."""
     try:
-        import docker
         from google.cloud import batch_v1  # noqa: F401
     except ImportError as e:
-        batch_unavailable(f"the Batch stand-in needs docker and google-cloud-batch: {e}")
-    why = None
-    try:
-        client = docker.from_env(max_pool_size=64)
-    except docker.errors.DockerException as e:
-        why = f"no Docker daemon: {e}"
-    if why is not None:
-        with warnings.catch_warnings():  # the SDK leaves its failed socket to the collector
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        batch_unavailable(why)
-    try:
-        client.ping()
-        client.images.get(BATCH_IMAGE)
-    except docker.errors.ImageNotFound:
-        r = subprocess.run(
-            ["bash", str(Path(__file__).with_name("build_test_images.sh"))], capture_output=True, text=True, check=False
-        )
-        if r.returncode != 0:
-            client.close()
-            batch_unavailable(f"cannot build {BATCH_IMAGE}: {r.stderr.strip()}")
-    except docker.errors.DockerException as e:
-        client.close()
-        batch_unavailable(f"no Docker daemon: {e}")
+        batch_unavailable(f"the Batch stand-in needs google-cloud-batch: {e}")
+    client = docker_client_with(BATCH_IMAGE, BATCH_NEEDS, max_pool_size=64)
     from batch_standin import BatchStandin
 
     env = (

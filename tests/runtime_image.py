@@ -24,18 +24,19 @@ BUILD_SCRIPT = Path(__file__).with_name("build_test_images.sh")
 DOCKERFILE = f"FROM {BASE_IMAGE}\nCOPY pipebuild /opt/pipebuild/lib/pipebuild\n"
 
 
-def ensure_base_image(client: Any) -> None:
-    """Build the base image with tests/build_test_images.sh if it is missing (network, ~45 s)."""
+def ensure_image(client: Any, name: str = BASE_IMAGE) -> None:
+    """Build the test images with tests/build_test_images.sh if `name` is missing (the base
+    image: package registries, ~45 s); RuntimeError if that fails."""
     import docker
 
     try:
-        client.images.get(BASE_IMAGE)
+        client.images.get(name)
         return
     except docker.errors.ImageNotFound:
         pass
     r = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"cannot build {BASE_IMAGE}: {r.stderr.strip()}")
+        raise RuntimeError(f"cannot build {name}: {r.stderr.strip()}")
 
 
 def _context(repo_root: Path) -> io.BytesIO:
@@ -63,7 +64,7 @@ def _context(repo_root: Path) -> io.BytesIO:
 def build_runtime_image(client: Any, repo_root: Path) -> str:
     """Build `pipebuild-runtime:test` from the base image and repo_root/pipebuild; return the tag.
 
-    Raises docker.errors.ImageNotFound when the base image is missing (see ensure_base_image)
+    Raises docker.errors.ImageNotFound when the base image is missing (see ensure_image)
     and docker.errors.BuildError when the build fails.
     """
     import docker

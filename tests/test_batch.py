@@ -23,9 +23,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import batch_unavailable
+from conftest import BATCH_NEEDS, batch_unavailable, docker_client_with
+from runtime_image import BASE_IMAGE, build_runtime_image
 
 from pipebuild import BatchBackend, Pipeline
 from pipebuild.build import BuildResult, Options, build
@@ -47,18 +49,15 @@ PARENT = f"projects/{PROJECT}/locations/{REGION}"
 @pytest.fixture(scope="module")
 def runtime_image():  # type: ignore[no-untyped-def]
     """pipebuild-runtime:test with the current source (built once per module)."""
+    client = docker_client_with(BASE_IMAGE, BATCH_NEEDS)
+    import docker
+
     try:
-        import docker
-        from runtime_image import build_runtime_image, ensure_base_image
-    except ImportError as e:
-        batch_unavailable(f"the docker package is missing: {e}")
-    try:
-        client = docker.from_env()
-        client.ping()
-        ensure_base_image(client)
         return build_runtime_image(client, ROOT)
-    except (docker.errors.DockerException, RuntimeError) as e:
+    except docker.errors.DockerException as e:
         batch_unavailable(f"cannot build the runtime image: {e}")
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -543,20 +542,33 @@ def test_cli_backend_batch_from_environment(cloud, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("pipebuild: BatchBackend needs a bucket")
 
 
-def test_cli_ctrl_c_deletes_the_running_jobs(cloud, tmp_path):
+def start_slow_make(cloud, tmp_path: Path, **popen: Any) -> tuple[subprocess.Popen[str], dict[str, str]]:  # type: ignore[no-untyped-def]
+    """`pipebuild make --backend batch out/slow.txt` of PIPEFILE in tmp_path, returned once
+    its job's container runs: (the process, its environment)."""
     standin, bucket = cloud
     (tmp_path / "Pipefile.py").write_text(PIPEFILE)
     (tmp_path / "in.txt").write_text("hi\n")
     env = dict(os.environ, PIPEBUILD_BATCH_PROJECT=PROJECT, PIPEBUILD_BATCH_BUCKET=bucket.name, CI="true")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipebuild", "make", "--backend", "batch", "out/slow.txt"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, text=True, **popen,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not standin.containers() or not standin.created:
             assert time.monotonic() < deadline and proc.poll() is None, "the job never started"
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, env
+
+
+def test_cli_ctrl_c_deletes_the_running_jobs(cloud, tmp_path):
+    standin, _ = cloud
+    proc, _ = start_slow_make(cloud, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -608,22 +620,10 @@ def test_contract_real_cloud_batch(tmp_path, monkeypatch):
 
 
 def test_jobs_left_by_a_killed_build_are_deleted_by_the_next(cloud, tmp_path):
-    standin, bucket = cloud
-    (tmp_path / "Pipefile.py").write_text(PIPEFILE)
-    (tmp_path / "in.txt").write_text("hi\n")
-    env = dict(os.environ, PIPEBUILD_BATCH_PROJECT=PROJECT, PIPEBUILD_BATCH_BUCKET=bucket.name, CI="true")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipebuild", "make", "--backend", "batch", "out/slow.txt"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not standin.containers() or not standin.created:
-            assert time.monotonic() < deadline and proc.poll() is None, "the job never started"
-            time.sleep(0.2)
-    finally:
-        proc.kill()  # SIGKILL: no chance to delete anything
-        proc.wait()
+    standin, _ = cloud
+    proc, env = start_slow_make(cloud, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.kill()  # SIGKILL: no chance to delete anything
+    proc.wait()
     orphan = standin.created[0]
     assert standin.get_job(orphan)["status"]["state"] in ("SCHEDULED", "RUNNING")
     r = cli(["make", "--backend", "batch", "out/shout.txt"], tmp_path, env)

@@ -10,32 +10,22 @@ one-line errors of pipebuild/cli.py.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import pytest
+from conftest import docker_client_with, unavailable
 
 from pipebuild.executors.docker import parse_cpu, parse_quantity, parse_run_flags
 
-REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
 IMAGE = "pipebuild-test:bash"
-BUILD_SCRIPT = Path(__file__).with_name("build_test_images.sh")
 TIMEOUT = 60
 WORKSPACE_LABEL = "pipebuild.workspace"
-
-
-def unavailable(why: str) -> None:
-    """Skip, or fail when the CI requires Docker."""
-    if REQUIRE:
-        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires Docker)")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +39,9 @@ def docker_sdk():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def client(docker_sdk):  # type: ignore[no-untyped-def]
+def client():  # type: ignore[no-untyped-def]
     """A client of a running dockerd that has the test image (built here if missing)."""
-    why = None
-    try:
-        c = docker_sdk.from_env()
-        c.ping()
-    except docker_sdk.errors.DockerException as e:
-        why = f"no Docker daemon: {e}"
-    if why is not None:
-        with warnings.catch_warnings():  # the SDK leaves its failed socket to the collector
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        unavailable(why)
-    try:
-        c.images.get(IMAGE)
-    except docker_sdk.errors.ImageNotFound:
-        r = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            unavailable(f"cannot build {IMAGE}: {r.stderr.strip()}")
+    c = docker_client_with(IMAGE)
     yield c
     c.close()
 

@@ -8,49 +8,21 @@ own version, the imports the stager needs, and a hash of the source on both side
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import os
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from runtime_image import RUNTIME_IMAGE, build_runtime_image, ensure_base_image
+from conftest import docker_client_with
+from runtime_image import BASE_IMAGE, RUNTIME_IMAGE, build_runtime_image
 
-REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def unavailable(why: str) -> None:
-    """Skip, or fail when the CI requires Docker."""
-    if REQUIRE:
-        pytest.fail(f"{why} (PIPEBUILD_REQUIRE_DOCKER=1 requires Docker)")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
 def client():  # type: ignore[no-untyped-def]
     """A client of a running dockerd that has the base image (built here if missing)."""
-    try:
-        import docker
-    except ImportError:
-        unavailable("the 'docker' package is not installed")
-    why = None
-    try:
-        c = docker.from_env()
-        c.ping()
-    except docker.errors.DockerException as e:
-        why = f"no Docker daemon: {e}"
-    if why is not None:
-        with warnings.catch_warnings():  # the SDK leaves its failed socket to the collector
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-        unavailable(why)
-    try:
-        ensure_base_image(c)
-    except RuntimeError as e:
-        unavailable(str(e))
+    c = docker_client_with(BASE_IMAGE)
     yield c
     c.close()
 
