@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import difflib
 import errno
-import fcntl
 import gc as pygc
 import json
 import os
@@ -28,22 +27,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+from . import noop
 from .cas import ContentStore, link_or_copy
-from .exceptions import BuildFailed, DefinitionError, MissingInputError, UsageError, WorkspaceBusy
+from .exceptions import BuildFailed, DefinitionError, MissingInputError, UsageError
 from .executors import STOPPED, Executor, Job, JobResult
 from .gcs import is_gs, stat_cache
-from .graph import STATE_DIR, Graph, Node, plan, resolve, show_path
+from .graph import Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
 from .pipeline import Pipeline
 from .rebuild import Action, Decision, Reason, Rebuilder
 from .remote import RemoteCache
 from .remote import settings as remote_settings
 from .report import Reporter
-from .resource import safe_name
+from .resource import InputResourceFile, safe_name
 from .schedule import Scheduler
 from .store import Store, TaskRecord
+from .workspace import STATE_DIR, Workspace, tmp_name, unlink_quiet
 
-TMP_SUFFIX = ".pipebuild-tmp"
 STDERR_TAIL = 10
 
 
@@ -111,103 +111,13 @@ class BuildResult:
             raise BuildFailed(names, f"{len(names)} task(s) failed: {detail}")
 
 
-# -- workspace -------------------------------------------------------------------------
-
-
-class Workspace:
-    """The `.pipebuild` directory and its lock."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.dir = state_dir
-        self.db = os.path.join(state_dir, "cache.sqlite")
-        self.cas = os.path.join(state_dir, "cas")
-        self.tmp = os.path.join(state_dir, "tmp")
-        self.logs = os.path.join(state_dir, "logs")
-        self.dirty = os.path.join(state_dir, "building")
-        self._lock_fd: int | None = None
-
-    def lock(self, wait: bool, reporter: Reporter) -> None:
-        """Take the workspace lock, waiting (with a message) or raising WorkspaceBusy."""
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-            ignore = os.path.join(self.dir, ".gitignore")
-            if not os.path.exists(ignore):
-                with open(ignore, "w") as f:
-                    f.write("*\n")
-            fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UsageError(f"cannot use the workspace directory {self.dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            where = os.path.dirname(self.dir)
-            if not wait:
-                os.close(fd)
-                raise WorkspaceBusy(f"another pipebuild (pid {holder}) is building in {where}") from None
-            reporter.message(f"pipebuild: waiting for another pipebuild (pid {holder}) building in {where}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        """Release the lock."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def recover(self, graph: Graph) -> None:
-        """Remove what an interrupted build left: task directories and temp outputs."""
-        if os.path.exists(self.tmp):
-            from .executors.local import stop_orphans
-
-            stop_orphans(self.tmp)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        cas_tmp = os.path.join(self.cas, "tmp")
-        if os.path.exists(cas_tmp):
-            shutil.rmtree(cas_tmp, ignore_errors=True)
-        if os.path.exists(self.dirty):
-            self.remove_temps(graph)
-        os.makedirs(self.tmp, exist_ok=True)
-        os.makedirs(self.logs, exist_ok=True)
-        with open(self.dirty, "w"):
-            pass
-
-    def remove_temps(self, graph: Graph) -> None:
-        """Delete the temporary names that publishing may have left beside destinations."""
-        for n in graph.nodes:
-            for o in n.outputs:
-                for d in o.dests:
-                    _unlink_quiet(_tmp_name(d))
-        for _, dests in graph.input_copies:
-            for d in dests:
-                _unlink_quiet(_tmp_name(d))
-
-    def finish(self) -> None:
-        """Mark the build as ended cleanly."""
-        _unlink_quiet(self.dirty)
-
-
-def _tmp_name(dest: str) -> str:
-    d, b = os.path.split(dest)
-    return os.path.join(d, "." + b + TMP_SUFFIX)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        pass
-
-
 def publish(src: str, dest: str) -> tuple[str, int, int, int]:
     """Copy `src` to `dest` atomically (temp name, then rename); returns dest's stat data."""
     if is_gs(dest):
         from . import gcs
 
         return gcs.upload(src, dest)
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     try:
         try:
             st = _copy(src, tmp)
@@ -215,7 +125,7 @@ def publish(src: str, dest: str) -> tuple[str, int, int, int]:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             st = _copy(src, tmp)
     except BaseException:
-        _unlink_quiet(tmp)  # e.g. a full disk: the old destination stays as it was
+        unlink_quiet(tmp)  # e.g. a full disk: the old destination stays as it was
         raise
     try:
         os.replace(tmp, dest)  # keeps the inode and mtime that _copy saw
@@ -348,6 +258,7 @@ class _Build:
         # Producers whose recorded output could not be found or remade: their traces and
         # action-cache rows are dropped at the end, so the next build runs them.
         self.stale: set[int] = set()
+        self.noop_fp: str | None = None  # set: write a no-op certificate if every task ends done
 
     def run(self) -> BuildResult:
         t0 = time.perf_counter()
@@ -405,6 +316,8 @@ class _Build:
             self.result.queries = self.store.queries
             self.store.close()
         r = self.result
+        if self.noop_fp is not None and r.ok and len(r.ran) + len(r.restored) + len(r.up_to_date) == sum(self.selected):
+            self._certify(self.noop_fp)
         r.seconds = time.perf_counter() - t0
         self.reporter.summary(len(r.ran), len(r.restored), len(r.up_to_date), len(r.failed), len(r.not_run), r.seconds)
         return r
@@ -423,10 +336,9 @@ class _Build:
                     src[inp.source] = d
         return src
 
-    def _copy_inputs(self) -> None:
-        """write_output of an input file: keep each destination a copy of the source.
-
-        With targets, only the copies that are targets themselves are made."""
+    def _copies(self) -> Iterator[tuple[InputResourceFile, str, list[str]]]:
+        """(input, source, destinations) for the input copies this build makes: with
+        targets, only the copies that are targets themselves."""
         wanted = None
         if self.options.targets:
             wanted = set()
@@ -437,9 +349,12 @@ class _Build:
                     pass
         for r, all_dests in self.graph.input_copies:
             dests = [d for d in all_dests if wanted is None or d in wanted]
-            if not dests:
-                continue
-            source = resolve(r._input_path, self.graph.workspace)
+            if dests:
+                yield r, resolve(r._input_path, self.graph.workspace), dests
+
+    def _copy_inputs(self) -> None:
+        """write_output of an input file: keep each destination a copy of the source."""
+        for r, source, dests in self._copies():
             d = self.stats.digest(source)
             if d is None:
                 raise MissingInputError(f"input file {r._input_path} does not exist", r._where)
@@ -450,6 +365,46 @@ class _Build:
                     except OSError as e:
                         raise DefinitionError(f"cannot copy input {r._input_path} to {dest}: {e}", r._where) from None
                     self.stats.update(path, size, mtime, ino, d)
+
+    def _certify(self, fp: str) -> None:
+        """Write the no-op certificate (noop.py): the stat data under which this build
+        verified every file its decisions read. Written only when each has a trusted row."""
+        rows = self.stats.rows
+        files: dict[str, tuple[int, int, int]] = {}
+
+        def add(path: str) -> bool:
+            row = rows.get(path)
+            if row is None:
+                return False
+            files[path] = row[:3]
+            return True
+
+        for node, sel in zip(self.nodes, self.selected, strict=True):
+            if not sel:
+                continue
+            for inp in node.inputs:
+                if inp.source is not None and not add(inp.source):
+                    return
+            outs = self.outputs[node.index] or {}
+            for o in node.outputs:
+                for d in o.dests:
+                    if not add(d):
+                        return
+                if o.required and not o.dests and self.remote is None:  # kept only in the store
+                    digest = outs.get(o.relpath)
+                    if digest is None:
+                        return
+                    blob = self.cas.path(digest)
+                    try:
+                        st = os.stat(blob)
+                    except OSError:
+                        return
+                    files[blob] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        for _, source, dests in self._copies():
+            for p in (source, *dests):
+                if not add(p):
+                    return
+        noop.write(self.ws.dir, fp, [n.name for n in self.nodes if self.selected[n.index]], files)
 
     # -- main thread: decisions and records ----------------------------------------
 
@@ -892,22 +847,40 @@ def paused_gc() -> Iterator[None]:
 @paused_gc()
 def build(pipeline: Pipeline, options: Options) -> BuildResult:
     """Build the selected targets of `pipeline` incrementally."""
+    t0 = time.perf_counter()
     reporter = _reporter(options)
     ws = Workspace(options.state_dir)
-    graph = plan(pipeline, options.workspace, ws.dir)
-    roots = select(graph, options.targets)
-    selected = graph.cone(roots)
-    if options.executor is None:
-        options = dataclasses.replace(options, executor=_default_executor(pipeline))
     url, read_only = remote_settings(
         options.remote_cache, options.remote_cache_read_only, getattr(pipeline, "_backend", None)
     )
     options = dataclasses.replace(options, remote_cache=url, remote_cache_read_only=read_only)
-    ws.lock(options.wait, reporter)
+    fp = _noop_fingerprint(pipeline, options)
+    locked = False
+    if fp is not None:  # the no-op certificate (noop.py): all up to date, shown by a stat per file
+        ws.lock(options.wait, reporter)
+        locked = True
+        try:
+            names = noop.check(ws.dir, fp)
+        except BaseException:
+            ws.unlock()
+            raise
+        if names is not None:
+            ws.unlock()
+            return _all_up_to_date(names, reporter, t0)
     try:
+        graph = plan(pipeline, options.workspace, ws.dir)
+        roots = select(graph, options.targets)
+        selected = graph.cone(roots)
+        if options.executor is None:
+            options = dataclasses.replace(options, executor=_default_executor(pipeline))
+        if not locked:
+            ws.lock(options.wait, reporter)
+            locked = True
+        noop.void(ws.dir)  # before anything changes: a killed build must leave none behind
         ws.recover(graph)
         try:
             b = _Build(graph, selected, options, ws, reporter)
+            b.noop_fp = fp
             recover = getattr(b.executor, "recover", None)  # jobs a killed build left on a remote executor
             if recover is not None:
                 recover(ws.dir)
@@ -919,7 +892,33 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
             ws.finish()
         return result
     finally:
-        ws.unlock()
+        if locked:
+            ws.unlock()
+
+
+def _noop_fingerprint(pipeline: Pipeline, options: Options) -> str | None:
+    """What a no-op certificate must match for this build, or None when none can apply."""
+    if options.force_all or options.force:
+        return None
+    executor = options.executor
+    if executor is not None and getattr(executor, "default_image", None) is not None:
+        return None  # every task runs in an image there (Cloud Batch)
+    return noop.fingerprint(
+        pipeline,
+        options.workspace,
+        options.state_dir,
+        options.targets,
+        options.remote_cache,
+        options.remote_cache_read_only,
+    )
+
+
+def _all_up_to_date(names: list[str], reporter: Reporter, t0: float) -> BuildResult:
+    """The result of a build the no-op certificate showed to be up to date."""
+    noop.report(names, reporter, t0)
+    result = BuildResult(up_to_date=names, reasons=dict.fromkeys(names, Reason.UP_TO_DATE))
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 # -- previews: dry run, status ---------------------------------------------------------
@@ -1004,7 +1003,7 @@ def script(pipeline: Pipeline, options: Options) -> str:
     def publish_lines(src: str, dest: str) -> list[str]:
         if is_gs(dest):
             return [f"gcloud storage cp {src} {q(dest)}"]
-        tmp = _tmp_name(dest)
+        tmp = tmp_name(dest)
         cp = "gcloud storage cp" if is_gs(src) else "cp"
         return [f"mkdir -p {q(os.path.dirname(dest))}", f"{cp} {src} {q(tmp)} && mv {q(tmp)} {q(dest)}"]
 

@@ -16,6 +16,7 @@ import gc as pygc
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -129,8 +130,9 @@ def _make(
     file: str | None = None,
     directory: str | None = None,
 ) -> None:
-    from . import build, load
+    from . import load, noop
     from .exceptions import UsageError
+    from .report import choose
 
     if jobs is not None and jobs < 1:
         raise UsageError(f"-j must be at least 1, not {jobs}")
@@ -138,6 +140,15 @@ def _make(
     os.chdir(os.path.dirname(path))
     pipeline = load.load(path)
     verbosity = -1 if quiet else (1 if verbose else 0)
+    reporter = choose(verbosity, explain, as_json)
+    try:
+        # Nothing to do, shown by the no-op certificate: the engine is not even imported.
+        if not force and noop.make(pipeline, os.getcwd(), targets or None, not no_wait, reporter, time.perf_counter()):
+            return
+    finally:
+        reporter.close()
+    from . import build
+
     opts = build.Options(
         workspace=os.getcwd(),
         jobs=default_jobs(pipeline, jobs),

@@ -20,8 +20,7 @@ from .exceptions import CycleError, DefinitionError
 from .pipeline import Pipeline
 from .resource import InputResourceFile, ResourceFile, ResourceGroup, TaskResourceFile, safe_name
 from .task import UID_RE, Task
-
-STATE_DIR = ".pipebuild"
+from .workspace import STATE_DIR
 
 
 class Input:

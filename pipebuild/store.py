@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from . import noop
 from .exceptions import CacheError
 
 SCHEMA_VERSION = "1"
@@ -79,6 +80,7 @@ class Store:
         self._warn = warn
         self.queries = 0  # statements issued, so tests can count work
         self._writing = False  # the page cache is small until the first write (see _open)
+        self._voided = False  # the no-op certificate is removed on the first write (noop.py)
         try:
             try:
                 self.db = self._open()
@@ -93,8 +95,15 @@ class Store:
                 raise
             raise CacheError(f"cannot use the cache {path}: {e}") from None
 
+    def _void_certificate(self) -> None:
+        """Remove the no-op certificate, which stands for the traces as they were (noop.py)."""
+        if not self._voided and self.path is not None:
+            noop.void(os.path.dirname(self.path))
+            self._voided = True
+
     def _remove_files(self) -> None:
         assert self.path is not None
+        self._void_certificate()
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.unlink(self.path + suffix)
@@ -213,6 +222,7 @@ class Store:
         forget_files: Iterable[str] = (),
     ) -> None:
         """One transaction: a task's trace, its action-cache entry, blobs and stat rows."""
+        self._void_certificate()
         self.queries += 1
         blobs, files, forget_files = list(blobs), list(files), list(forget_files)
         self._guard(lambda: self._record(name, task, action, blobs, files, forget_files))
@@ -266,6 +276,7 @@ class Store:
 
     def forget_blob(self, digest: str) -> None:
         """Drop a blob's row (it was missing or damaged)."""
+        self._void_certificate()
         self.queries += 1
         self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
 
@@ -276,11 +287,13 @@ class Store:
 
     def forget_action(self, key: str) -> None:
         """Drop an action-cache entry (its outputs can no longer be had)."""
+        self._void_certificate()
         self.queries += 1
         self._guard(lambda: self.db.execute("DELETE FROM actions WHERE key=?", (key,)))
 
     def forget_tasks(self, names: Iterable[str]) -> None:
         """Drop the traces of some tasks (after `clean`)."""
+        self._void_certificate()
         self.queries += 1
         self.db.executemany("DELETE FROM tasks WHERE name=?", ((n,) for n in names))
 

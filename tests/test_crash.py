@@ -389,16 +389,25 @@ def test_kill_9_during_no_op_builds_leaves_nothing_to_do(oracle, tmp_path):
     kills = max(4, TRIALS // 3)
     alive = 0
     for k in range(kills):
+        # Even trials: the full no-op (its certificate removed, see noop.py), killed during
+        # its work. Odd trials: the certified no-op, killed anywhere from its start on.
+        full = k % 2 == 0
+        if full:
+            (root / ".pipebuild" / "noop").unlink(missing_ok=True)
         delay = (k + rng.random()) / kills * oracle.noop_seconds * 1.1
-        alive += kill_make(root, tmp_path / "killed.log", "work", delay)
+        if full:
+            alive += kill_make(root, tmp_path / "killed.log", "work", delay)
+        else:
+            kill_make(root, tmp_path / "killed.log", "start", oracle.startup_seconds + delay)
         r = make(root, f"-j{JOBS}")
-        where = f"(seed {SEED}, no-op build killed {delay:.4f}s after it started work)"
+        path = "full" if full else "certified"
+        where = f"(seed {SEED}, {path} no-op build killed {delay:.4f}s after it started)"
         assert r.returncode == 0, f"{where}\n{r.stdout}{r.stderr}"
         assert r.stderr == "", f"{where}\n{r.stderr}"
         assert summary(r.stdout) == (0, 0, N_TASKS, 0), f"{where}\n{r.stdout}"
         assert read_tree(root) == oracle.expected_a, where
         assert_clean_workspace(root)
-    assert alive >= 1  # at least one kill hit a running build
+    assert alive >= 1  # at least one kill hit a running full build
 
 
 # --------------------------------------------------------------------------------------

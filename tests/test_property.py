@@ -8,13 +8,14 @@ Tasks run through FakeExecutor with a Python handler, so a seed costs millisecon
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shlex
 
 import pytest
 
-from pipebuild import Pipeline
+from pipebuild import Pipeline, resource, task
 from pipebuild.build import Options, build
 from pipebuild.executors import FakeExecutor, Job
 
@@ -148,11 +149,34 @@ class Model:
         return kind
 
 
+def fresh_pipeline(model: Model) -> Pipeline:
+    """The model's pipeline as a new process would make it: resource and task uids counted
+    from 0, so that a definition left unchanged has the same no-op fingerprint (noop.py)."""
+    resource._file_counter = itertools.count()
+    resource._group_counter = itertools.count()
+    task._task_counter = itertools.count()
+    return model.pipeline()
+
+
+def age(model: Model) -> None:
+    """Set every source's and destination's mtime 10 s back, then build once: that build
+    re-hashes them, no longer in the same clock tick as their writing, and so ends with a
+    no-op certificate, which the next build (after the next edit) must use only if valid."""
+    for sub in ("src", "out"):
+        d = os.path.join(model.root, sub)
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            st = os.stat(os.path.join(d, name))
+            os.utime(os.path.join(d, name), ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))
+    result = build(fresh_pipeline(model), Options(workspace=model.root, executor=FakeExecutor(handler), verbosity=-1))
+    assert result.ran == [] and result.restored == [] and not result.failed
+    assert os.path.exists(os.path.join(model.root, ".pipebuild", "noop"))
+
+
 def check_build(model: Model, context: str) -> None:
     model.write_sources()
     want, new = model.expected()
     fake = FakeExecutor(handler)
-    result = build(model.pipeline(), Options(workspace=model.root, executor=fake, verbosity=-1))
+    result = build(fresh_pipeline(model), Options(workspace=model.root, executor=fake, verbosity=-1))
     assert not result.failed, context
     ran = set(result.ran)
     may_run = set().union(*new.values()) if new else set()
@@ -172,5 +196,7 @@ def test_incremental_build_equals_clean_build(tmp_path, seed):
     model = Model(rng, str(tmp_path))
     check_build(model, f"seed {seed} first build")
     for step in range(6):
+        if rng.random() < 0.5:
+            age(model)
         kind = model.edit()
         check_build(model, f"seed {seed} step {step} after {kind}")
