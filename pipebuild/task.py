@@ -47,19 +47,34 @@ def _format_template(group: str, ident: str, template: str) -> str:
     return template.format(root=group)
 
 
+_names_of: dict[type, frozenset[str]] = {}
+
+
+def _class_names(cls: type) -> frozenset[str]:
+    """The attribute names a class and its bases define (a resource must not shadow one)."""
+    names = _names_of.get(cls)
+    if names is None:
+        names = _names_of[cls] = frozenset(dir(cls))
+    return names
+
+
 class Task:
     """A command to run, with its resources and settings. Create with `Pipeline.new_task`."""
+
+    # Settings default on the class; an instance holds those set (a 10,000-task Pipefile
+    # makes 10,000 tasks, and each attribute set costs ~40 ns).
+    _cpu: str | None = None
+    _memory: str | None = None
+    _storage: Any = None
+    _image: str | None = None
+    _always_run: bool = False
+    _timeout: float | None = None
+    _where: tuple[str, int] | None = None
 
     def __init__(self, pipeline: Pipeline, name: str | None = None, attributes: dict[str, str] | None = None) -> None:
         self._pipeline = pipeline
         self.name = name
         self.attributes = attributes if attributes is not None else {}
-        self._cpu: str | None = None
-        self._memory: str | None = None
-        self._storage: Any = None
-        self._image: str | None = None
-        self._always_run = False
-        self._timeout: float | None = None
         self._command: list[str] = []
         self._resources: dict[str, Resource] = {}
         self._resources_inverse: dict[Resource, str] = {}
@@ -71,7 +86,6 @@ class Task:
         self._valid: set[Resource] = set()
         self._dependencies: dict[Task, None] = {}
         self._uid = f"__TASK__{next(_task_counter)}"
-        self._where: tuple[str, int] | None = None
 
     # -- resources ---------------------------------------------------------------------
 
@@ -84,7 +98,7 @@ class Task:
             self._resources_inverse[r] = item
             # Later `t.item` finds it without going through __getattr__ (a 10,000-task
             # Pipefile reads resources ~40,000 times).
-            if item.isidentifier() and item not in self.__dict__ and not hasattr(type(self), item):
+            if item.isidentifier() and item not in self.__dict__ and item not in _class_names(type(self)):
                 self.__dict__[item] = r
         return r
 
@@ -97,20 +111,7 @@ class Task:
         return self._get_resource(item)
 
     def _add_reference(self, r: Resource) -> None:
-        if isinstance(r, ResourceFile) and r._resource_group is None:
-            # The common case, kept short: a plain file (10,000-task Pipefiles do this 30,000 times).
-            source = r._source
-            if source is self:
-                self._valid.add(r)
-            else:
-                if source is not None:
-                    if r not in source._valid:
-                        raise _undefined(source._resources_inverse.get(r) or str(getattr(r, "_name", r._uid)))
-                    self._dependencies[source] = None
-                    source._internal_outputs[r] = None
-                self._inputs[r] = None
-            self._mentioned[r] = None
-            return
+        """A group, or a file in a group (a plain file is handled in `command`)."""
         if isinstance(r, ResourceGroup):
             source = r._source
             files = list(r._resources.values())
@@ -152,7 +153,21 @@ class Task:
                     f"undefined resource '{uid}' in command '{command}'.\n"
                     "Hint: resources must be from the same pipeline as the current task."
                 )
-            self._add_reference(r)
+            if not isinstance(r, ResourceFile) or r._resource_group is not None:
+                self._add_reference(r)
+                continue
+            # A plain file, inline (10,000-task Pipefiles mention 30,000 of them).
+            source = r._source
+            if source is self:
+                self._valid.add(r)
+            else:
+                if source is not None:
+                    if r not in source._valid:
+                        raise _undefined(source._resources_inverse.get(r) or str(getattr(r, "_name", r._uid)))
+                    self._dependencies[source] = None
+                    source._internal_outputs[r] = None
+                self._inputs[r] = None
+            self._mentioned[r] = None
         self._command.append(command)
         return self
 
@@ -177,7 +192,7 @@ class Task:
             self._pipeline._resource_map[rg._uid] = rg
             self._resources[name] = rg
             self._resources_inverse[rg] = name
-            if name.isidentifier() and name not in self.__dict__ and not hasattr(type(self), name):
+            if name.isidentifier() and name not in self.__dict__ and name not in _class_names(type(self)):
                 self.__dict__[name] = rg
             self._valid.add(rg)
             self._valid.update(files.values())
