@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from .build import Options
@@ -198,13 +198,28 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _exit(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown.
+
+    The build is over: its threads are joined, its files and the cache are closed. What is
+    left is a final garbage collection and freeing every object the Pipefile made, ~70 ms
+    at 10,000 tasks (a third of a no-op). Only the standard streams need flushing.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # e.g. `make | head` closed the pipe: exit 1 quietly
+            code = code or 1
+    os._exit(code)
+
+
 def main() -> None:
     """Console entry point: the fast path above, else the typer app."""
     if "_PIPEBUILD_COMPLETE" not in os.environ:
         opts = parse(sys.argv[1:])
         if opts is not None:
             pygc.disable()  # a short-lived process: see build.paused_gc
-            sys.exit(run(opts))
+            _exit(run(opts))
     from .cli import main as typer_main
 
     typer_main()
