@@ -61,11 +61,12 @@ def _context(repo_root: Path) -> io.BytesIO:
     return buf
 
 
-def build_runtime_image(client: Any, repo_root: Path) -> str:
+def build_runtime_image(client: Any, repo_root: Path, log: list[str] | None = None) -> str:
     """Build `pipebuild-runtime:test` from the base image and repo_root/pipebuild; return the tag.
 
-    Raises docker.errors.ImageNotFound when the base image is missing (see ensure_image)
-    and docker.errors.BuildError when the build fails.
+    `log`, if given, receives the build's output lines. Raises docker.errors.ImageNotFound
+    when the base image is missing (see ensure_image) and docker.errors.BuildError when the
+    build fails.
     """
     import docker
 
@@ -74,7 +75,7 @@ def build_runtime_image(client: Any, repo_root: Path) -> str:
         old_id = client.images.get(RUNTIME_IMAGE).id
     except docker.errors.ImageNotFound:
         old_id = None
-    image, _ = client.images.build(
+    image, lines = client.images.build(
         fileobj=_context(Path(repo_root)),
         custom_context=True,
         tag=RUNTIME_IMAGE,
@@ -83,6 +84,8 @@ def build_runtime_image(client: Any, repo_root: Path) -> str:
         forcerm=True,
         network_mode="none",
     )
+    if log is not None:
+        log.extend(str(line.get("stream", "")).rstrip("\n") for line in lines if line.get("stream"))
     if old_id is not None and old_id != image.id:
         # The previous build is now untagged; drop it unless a container still uses it.
         try:
