@@ -368,42 +368,42 @@ class _Build:
 
     def _certify(self, fp: str) -> None:
         """Write the no-op certificate (noop.py): the stat data under which this build
-        verified every file its decisions read. Written only when each has a trusted row."""
+        verified every file its decisions read. Written only when each has a trusted row,
+        and never when a file read (a source) is also written in the build (a destination):
+        its row would then be the one the write left, not the one the decision read."""
         rows = self.stats.rows
-        files: dict[str, tuple[int, int, int]] = {}
-
-        def add(path: str) -> bool:
-            row = rows.get(path)
-            if row is None:
-                return False
-            files[path] = row[:3]
-            return True
-
+        read: list[str] = []  # hashed at the start: sources, input copies' sources
+        written: list[str] = []  # verified or published: destinations
+        blobs: dict[str, tuple[int, int, int]] = {}  # outputs kept only in the store
         for node, sel in zip(self.nodes, self.selected, strict=True):
             if not sel:
                 continue
-            for inp in node.inputs:
-                if inp.source is not None and not add(inp.source):
-                    return
+            read.extend(inp.source for inp in node.inputs if inp.source is not None)
             outs = self.outputs[node.index] or {}
             for o in node.outputs:
-                for d in o.dests:
-                    if not add(d):
-                        return
-                if o.required and not o.dests and self.remote is None:  # kept only in the store
+                written.extend(o.dests)
+                if o.required and not o.dests and self.remote is None:
                     digest = outs.get(o.relpath)
                     if digest is None:
                         return
-                    blob = self.cas.path(digest)
+                    blob = self.cas.path(digest)  # a store file never changes: its stat now
                     try:
                         st = os.stat(blob)
                     except OSError:
                         return
-                    files[blob] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    blobs[blob] = (st.st_size, st.st_mtime_ns, st.st_ino)
         for _, source, dests in self._copies():
-            for p in (source, *dests):
-                if not add(p):
-                    return
+            read.append(source)
+            written.extend(dests)
+        if not set(read).isdisjoint(written):
+            return
+        files: dict[str, tuple[int, int, int]] = {}
+        for path in read + written:
+            row = rows.get(path)
+            if row is None:
+                return
+            files[path] = row[:3]
+        files.update(blobs)
         noop.write(self.ws.dir, fp, [n.name for n in self.nodes if self.selected[n.index]], files)
 
     # -- main thread: decisions and records ----------------------------------------

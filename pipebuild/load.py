@@ -12,6 +12,7 @@ import builtins
 import os
 import sys
 import traceback
+import types
 from types import TracebackType
 
 from .exceptions import DefinitionError, PipelineException, UsageError
@@ -52,6 +53,9 @@ def _where(tb: TracebackType | None, path: str) -> tuple[str, int] | None:
     return None
 
 
+_modules: dict[str, types.ModuleType] = {}  # the last namespace of each Pipefile loaded
+
+
 def load(path: str) -> Pipeline:
     """Execute the Pipefile at `path` and return the Pipeline it builds."""
     global _loading
@@ -65,7 +69,15 @@ def load(path: str) -> Pipeline:
         code = compile(source, path, "exec")
     except SyntaxError as e:
         raise DefinitionError(f"syntax error: {e.msg}", (rel, e.lineno or 0)) from None
-    env: dict[str, object] = {"__name__": "__pipefile__", "__file__": path, "__builtins__": builtins}
+    # A module in sys.modules, held here as well, as a script's __main__ is held: the
+    # interpreter clears such a module at exit (after atexit functions ran), so what the
+    # Pipefile left open (a file it wrote to) is flushed and closed as in a script, even
+    # when the last garbage collection is skipped (fastmake._exit).
+    module = types.ModuleType("__pipefile__")
+    module.__file__ = path
+    env: dict[str, object] = module.__dict__
+    env["__builtins__"] = builtins
+    sys.modules["__pipefile__"] = _modules[path] = module
     directory = os.path.dirname(path)
     sys.path.insert(0, directory)
     _loading += 1

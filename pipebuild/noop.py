@@ -5,7 +5,10 @@ A build that ends with every selected task done (up to date, run or restored) wr
 tasks, and the stat data (size, mtime_ns, inode) under which the build verified every file
 its decisions read: the sources, the input copies, the destinations, and the store blobs of
 outputs that are kept only in the store. Those stat data are the stat cache's own rows,
-taken when the bytes were hashed or written, never a later stat.
+taken when the bytes were hashed or written, never a later stat (a store blob never
+changes: its stat is taken when the certificate is written). A build in which a file it
+reads is also written (a task reading an input copy's destination, a copy of a copy)
+writes none: that file's row would be the write's, not the one the decision read.
 
 The next build with the same fingerprint stats those files first. If every one is exactly
 as recorded, every file has the bytes the last build saw, every task has the same recipe
@@ -25,15 +28,17 @@ The certificate is void, and the full build runs, when:
 
 The fingerprint is a digest of the pipeline's state as the build reads it: every task's
 name, commands, dependencies, inputs and own resources (names, extensions, destinations),
-every input file's path, plus the workspace, the targets, the remote-cache setting and the
-stat data of pipebuild's own source files (a new version may lay paths out differently).
-`tests/test_noop.py` checks that every attribute of the API objects is either in it or
-listed here as not read by the build's decisions.
+every input file's path as written, plus the workspace, the home directory `~` expands to
+(a `~user` path gets no certificate), the targets, the remote-cache setting and the stat
+data of pipebuild's own source files (a new version may lay paths out differently).
+`tests/test_noop.py` checks that every attribute of the API objects, on the instance or as
+a class default, is either in it or listed here as not read by the build's decisions.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from array import array
@@ -52,6 +57,7 @@ MAGIC = b"pipebuild-noop 1\n"
 # the fingerprint, the trace store's inode, then the sizes of the names, paths and stats parts
 _HEAD = struct.Struct("<32sQQQQ")
 DB = "cache.sqlite"
+_OTHER_HOME = re.compile(r"""['"]~[^/'"]""")  # a quoted path that starts with ~user
 
 # Attributes of the API objects that the build's decisions do not read (checked by a test):
 # where the call was made (error messages), resources (the executors' sizing), user
@@ -122,13 +128,17 @@ def fingerprint(
     )
     if "'gs://" in paths or '"gs://' in paths:
         return None
+    # `~` in a path expands to the home directory (a part of the fingerprint below); `~user`
+    # to a user's, which is not, so such a path (or target) gets no certificate.
+    if _OTHER_HOME.search(paths) or any(_OTHER_HOME.match(repr(t)) for t in targets or ()):
+        return None
     # Each task's inputs, dependencies and resources: one flat column and the counts per task.
     # A task's internal and external outputs follow from the other tasks' inputs and from
     # the destinations, so they are not repeated.
     parts = [
         MAGIC.decode(),
         _code_stamp(),
-        repr((workspace, state_dir, targets, remote, ro)),
+        repr((workspace, state_dir, targets, remote, ro, os.path.expanduser("~"))),
         "\1".join([t._uid for t in tasks]),
         repr([t.name for t in tasks]),
         repr([t._timeout for t in tasks]),

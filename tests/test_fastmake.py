@@ -99,7 +99,7 @@ def test_make_does_not_import_typer(tmp_path: Path) -> None:
         "import sys\n"
         "banned = sys.argv[1:]\n"
         "from pipebuild import fastmake\n"
-        "assert fastmake.run(fastmake.parse(['make', '-q'])) == 0\n"  # main() without its os._exit
+        "assert fastmake.run(fastmake.parse(['make', '-q'])) == 0\n"  # what main() runs
         "bad = [m for m in banned if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

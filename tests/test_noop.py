@@ -210,6 +210,29 @@ def test_racy_rows_are_not_certified(tmp_path):
     assert not (state / "noop").exists()
 
 
+def test_no_certificate_when_a_file_read_is_also_written(tmp_path):
+    """Given a task that reads an input copy's destination, the build should not certify:
+    the row of that file is the copy's write, not the stat the task's decision read."""
+
+    def copy_read(p: Pipeline, t: dict[str, task.Task]) -> None:
+        c = p.read_input("out/b-copy.txt")
+        reader = p.new_task("reader")
+        reader.command(f"cat {c} > {reader.ofile}")
+        p.write_output(reader.ofile, "out/reader.txt")
+
+    write_sources(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b-copy.txt").write_text("beta\n")
+    run(tmp_path, define(copy_read))
+    age(tmp_path)
+    run(tmp_path, define(copy_read))
+    assert not (tmp_path / ".pipebuild" / "noop").exists()
+    (tmp_path / "src" / "b.txt").write_text("beta 2\n")
+    run(tmp_path, define(copy_read))  # copies the source; the reader saw the old copy
+    r = run(tmp_path, define(copy_read))  # catches up, as without a certificate
+    assert r.ran == ["reader"] and (tmp_path / "out" / "reader.txt").read_text() == "beta 2\n"
+
+
 # -- the fingerprint -------------------------------------------------------------------
 
 
@@ -280,6 +303,21 @@ def test_workspace_targets_and_remote_cache_change_the_fingerprint():
     assert fp(define(), remote="gs://b/p") != base
 
 
+def test_home_directory_is_part_of_the_fingerprint(monkeypatch):
+    """Given `~` in a path, another HOME resolves it elsewhere: the fingerprint should differ;
+    with `~user`, whose directory is not part of it, there should be none."""
+
+    def home(p: Pipeline, t: dict[str, task.Task]) -> None:
+        p.read_input("~/data.txt")
+
+    monkeypatch.setenv("HOME", "/home/one")
+    one = fp(define(home))
+    monkeypatch.setenv("HOME", "/home/two")
+    assert one is not None and fp(define(home)) != one
+    assert fp(define(lambda p, t: p.read_input("~root/data.txt"))) is None
+    assert fp(define(), targets=["~root/out"]) is None
+
+
 @pytest.mark.parametrize("kind", ["image", "always_run", "gs-input", "gs-output"])
 def test_no_certificate_where_a_decision_reads_more_than_files(kind):
     """Given an image (resolved by Docker each time), always_run or a gs:// path, there is none."""
@@ -325,6 +363,10 @@ def test_every_attribute_of_the_api_objects_is_classified():
         assert not read[kind] & not_read
         for obj in objs:
             attrs = set(vars(obj)) - {k for k, v in vars(obj).items() if isinstance(v, resource.Resource)}
+            # ... and the defaults the classes hold (an attribute left at its default is not in vars)
+            for cls in type(obj).__mro__:
+                if cls.__module__.startswith("pipebuild"):
+                    attrs |= {k for k, v in vars(cls).items() if not k.startswith("__") and not callable(v)}
             assert attrs <= read[kind] | not_read, (kind, attrs - read[kind] - not_read)
 
 
@@ -358,3 +400,36 @@ def test_certified_make_does_not_import_the_engine(tmp_path):
     (tmp_path / "src" / "a.txt").write_text("changed\n")
     out = subprocess.run(make, cwd=tmp_path, check=True, capture_output=True, text=True)
     assert "1 ran" in out.stdout and (tmp_path / "out" / "t.txt").read_text() == "changed\n"
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_make_with_a_closed_standard_stream_succeeds(tmp_path, closed):
+    """Given `pipebuild make >&-` (or `2>&-`), a good build should still exit 0."""
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\np = Pipeline()\nt = p.new_task(name='t')\n"
+        "t.command(f'echo hi > {t.ofile}')\np.write_output(t.ofile, 'out.txt')\n"
+    )
+    redirect = ">&-" if closed == "stdout" else "2>&-"
+    for _ in range(2):  # a build, then a certified no-op
+        r = subprocess.run(f"{PIPEBUILD} make {redirect}", shell=True, cwd=tmp_path, capture_output=True)
+        assert r.returncode == 0, r
+    assert (tmp_path / "out.txt").read_text() == "hi\n"
+
+
+def test_what_a_pipefile_leaves_open_is_flushed_at_exit(tmp_path):
+    """Given a Pipefile that writes to a file it never closes and registers an atexit
+    function, `make` should end as a script does: the file flushed, the function run."""
+    (tmp_path / "Pipefile.py").write_text(
+        "import atexit\n"
+        "from pipebuild import Pipeline\n"
+        "log = open('defined.log', 'a')\n"
+        "log.write('defined\\n')\n"
+        "atexit.register(lambda: open('atexit.log', 'a').write('ran\\n'))\n"
+        "def helper():\n    return log  # the namespace is now in a reference cycle\n"
+        "p = Pipeline()\nt = p.new_task(name='t')\n"
+        "t.command(f'echo hi > {t.ofile}')\np.write_output(t.ofile, 'out.txt')\n"
+    )
+    for _ in range(2):
+        subprocess.run([PIPEBUILD, "make"], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "defined.log").read_text() == "defined\n" * 2
+    assert (tmp_path / "atexit.log").read_text() == "ran\n" * 2
