@@ -82,6 +82,7 @@ class Model:
     def pipeline(self) -> Pipeline:
         p = Pipeline(name="prop")
         res: dict[str, object] = {n: p.read_input(f"src/{n}") for n in self.sources}
+        p.write_output(res["s0"], "out/copy-s0")  # an input copy: kept equal to its source
         for spec in self.tasks:
             t = p.new_task(spec["name"])
             ins = " ".join(str(res[i]) for i in spec["ins"])
@@ -138,8 +139,8 @@ class Model:
         elif kind == "remove" and len(self.tasks) > 1:
             self.tasks.pop()  # the last task: nothing depends on it
         elif kind in ("dest-del", "dest-edit"):
-            t = r.choice(self.tasks)
-            path = os.path.join(self.root, "out", t["name"])
+            name = r.choice([t["name"] for t in self.tasks] + ["copy-s0"])
+            path = os.path.join(self.root, "out", name)
             if os.path.exists(path):
                 if kind == "dest-del":
                     os.unlink(path)
@@ -187,6 +188,8 @@ def check_build(model: Model, context: str) -> None:
     for name, text in want.items():
         with open(os.path.join(model.root, "out", name)) as f:
             assert f.read() == text, f"{context}: out/{name}"
+    with open(os.path.join(model.root, "out", "copy-s0")) as f:
+        assert f.read() == model.sources["s0"], f"{context}: out/copy-s0"
 
 
 @pytest.mark.parametrize("seed", range(SEEDS))
