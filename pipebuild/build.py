@@ -856,7 +856,9 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
     options = dataclasses.replace(options, remote_cache=url, remote_cache_read_only=read_only)
     fp = _noop_fingerprint(pipeline, options)
     locked = False
-    if fp is not None:  # the no-op certificate (noop.py): all up to date, shown by a stat per file
+    # The no-op certificate (noop.py): all up to date, shown by a stat per file. Without one
+    # (its file is absent), the lock is taken after planning, as a definition error comes first.
+    if fp is not None and os.path.exists(noop.path(ws.dir)):
         ws.lock(options.wait, reporter)
         locked = True
         try:

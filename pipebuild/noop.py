@@ -255,8 +255,10 @@ def make(
     from .remote import settings
     from .workspace import STATE_DIR, Workspace
 
-    url, read_only = settings(None, False, pipeline._backend)
     state_dir = os.path.join(workspace, STATE_DIR)
+    if not os.path.exists(path(state_dir)):
+        return False  # no certificate: no fingerprint to compute, no lock to take
+    url, read_only = settings(None, False, pipeline._backend)
     fp = fingerprint(pipeline, workspace, state_dir, targets, url, read_only)
     if fp is None:
         return False
