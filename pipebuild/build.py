@@ -316,7 +316,8 @@ class _Build:
             self.result.queries = self.store.queries
             self.store.close()
         r = self.result
-        if self.noop_fp is not None and r.ok and len(r.ran) + len(r.restored) + len(r.up_to_date) == sum(self.selected):
+        done = len(r.ran) + len(r.restored) + len(r.up_to_date) == sum(self.selected)
+        if self.noop_fp is not None and r.ok and done and not self.stale:  # (stale: traces dropped)
             self._certify(self.noop_fp)
         r.seconds = time.perf_counter() - t0
         self.reporter.summary(len(r.ran), len(r.restored), len(r.up_to_date), len(r.failed), len(r.not_run), r.seconds)
