@@ -106,6 +106,20 @@ def fingerprint(
 ) -> str | None:
     """The digest the certificate must match, or None when it cannot apply (see above).
 
+    A definition it cannot read (a mistake the full build reports in one line, such as a
+    task's dependency that is not a task) has none, rather than a traceback here.
+    """
+    try:
+        return _fingerprint(pipeline, workspace, state_dir, targets, remote, ro)
+    except Exception:  # noqa: BLE001 - the full build checks the definition and says what is wrong
+        return None
+
+
+def _fingerprint(
+    pipeline: Pipeline, workspace: str, state_dir: str, targets: Iterable[str] | None, remote: str | None, ro: bool
+) -> str | None:
+    """See `fingerprint`.
+
     Built column by column (one comprehension per attribute over all tasks), ~3x faster
     than a loop over tasks. Lists of user text go in through `repr`, which quotes and
     escapes, so the encoding is unambiguous; uids need no quoting.

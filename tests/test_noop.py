@@ -335,6 +335,16 @@ def test_no_certificate_where_a_decision_reads_more_than_files(kind):
     assert fp(define(tweak)) is None
 
 
+def test_a_definition_it_cannot_read_has_no_fingerprint():
+    """Given a definition mistake the full build reports (here a non-task dependency set
+    behind the API's back), the fingerprint should be None, not a traceback."""
+
+    def broken(p: Pipeline, t: dict[str, task.Task]) -> None:
+        t["join"]._dependencies[object()] = None  # type: ignore[index]
+
+    assert fp(define(broken)) is None
+
+
 def test_every_attribute_of_the_api_objects_is_classified():
     """Each attribute of a Task or file is read by the fingerprint or listed as not read.
 
