@@ -22,6 +22,7 @@ The certificate is void, and the full build runs, when:
 * anything writes the trace store (`Store` removes the file on its first write), or a
   full build starts (it removes the file before doing anything);
 * a build is under way or was killed (the `building` marker exists);
+* `cache.sqlite` is another file than the one it was written beside (deleted, replaced);
 * a task has an image (its key holds the image ID Docker resolves on each build), is
   `always_run`, or runs on a remote executor; a path is in Google Cloud Storage;
 * `--force`/`-B` is given.
