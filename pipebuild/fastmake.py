@@ -204,9 +204,24 @@ def _exit(code: int) -> NoReturn:
     The build is over. The interpreter's last collection scans every object the Pipefile
     made (~40 ms at 10,000 tasks, a fifth of a no-op) only to free memory the process is
     about to give back; `gc.freeze` takes them out of its reach. Everything else of a normal
-    exit still happens: threads are joined, `atexit` functions run, modules (the Pipefile's
-    namespace too, see load.py) are cleared, so a file left open is flushed.
+    exit still happens: threads are joined, `atexit` functions run, and the names the
+    Pipefile defined are dropped (load.py), so a file it holds open is flushed.
+    Output the Pipefile printed is flushed here: a reader that went away (`make | head`)
+    means exit 1 without a message, as in `run`.
     """
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed (`make >&-`)
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+            try:  # the flush at exit must not fail again
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
     pygc.freeze()
     sys.exit(code)
 

@@ -129,7 +129,15 @@ def _resolve(path: str, workspace: str) -> str:
 # For the few paths resolved after planning (targets, input copies). `plan` resolves each
 # destination once and sources through its own table: an entry here costs ~150 bytes, and
 # caching every destination of a 10,000-task pipeline held ~1.5 MiB through the build.
-resolve = functools.lru_cache(maxsize=1024)(_resolve)
+_resolve_cached = functools.lru_cache(maxsize=1024)(_resolve)
+
+
+def resolve(path: str, workspace: str) -> str:
+    """An absolute, normalised path for a user-written one (cached, unless it starts with
+    `~`: that depends on HOME, which can change within a process)."""
+    if path.startswith("~"):
+        return _resolve(path, workspace)
+    return _resolve_cached(path, workspace)
 
 
 @functools.lru_cache(maxsize=64)

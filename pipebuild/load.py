@@ -8,11 +8,11 @@ Pipefile's file and line, never a traceback.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import os
 import sys
 import traceback
-import types
 from types import TracebackType
 
 from .exceptions import DefinitionError, PipelineException, UsageError
@@ -53,7 +53,18 @@ def _where(tb: TracebackType | None, path: str) -> tuple[str, int] | None:
     return None
 
 
-_modules: dict[str, types.ModuleType] = {}  # the last namespace of each Pipefile loaded
+_namespaces: dict[str, dict[str, object]] = {}  # the last namespace of each Pipefile loaded
+
+
+def _clear_namespaces() -> None:
+    """At exit, after the Pipefile's own atexit functions: drop what each Pipefile's names
+    hold, as the interpreter does with a script's module, so that a file the Pipefile left
+    open is flushed and closed even though its functions keep the namespace in a reference
+    cycle and the last garbage collection is skipped (fastmake._exit)."""
+    for env in _namespaces.values():
+        for name in list(env):
+            if name != "__builtins__":
+                env[name] = None
 
 
 def load(path: str) -> Pipeline:
@@ -69,15 +80,10 @@ def load(path: str) -> Pipeline:
         code = compile(source, path, "exec")
     except SyntaxError as e:
         raise DefinitionError(f"syntax error: {e.msg}", (rel, e.lineno or 0)) from None
-    # A module in sys.modules, held here as well, as a script's __main__ is held: the
-    # interpreter clears such a module at exit (after atexit functions ran), so what the
-    # Pipefile left open (a file it wrote to) is flushed and closed as in a script, even
-    # when the last garbage collection is skipped (fastmake._exit).
-    module = types.ModuleType("__pipefile__")
-    module.__file__ = path
-    env: dict[str, object] = module.__dict__
-    env["__builtins__"] = builtins
-    sys.modules["__pipefile__"] = _modules[path] = module
+    env: dict[str, object] = {"__name__": "__pipefile__", "__file__": path, "__builtins__": builtins}
+    if not _namespaces:
+        atexit.register(_clear_namespaces)  # before any the Pipefile registers: runs after them
+    _namespaces[path] = env
     directory = os.path.dirname(path)
     sys.path.insert(0, directory)
     _loading += 1

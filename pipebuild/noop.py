@@ -22,7 +22,8 @@ The certificate is void, and the full build runs, when:
 * anything writes the trace store (`Store` removes the file on its first write), or a
   full build starts (it removes the file before doing anything);
 * a build is under way or was killed (the `building` marker exists);
-* `cache.sqlite` is another file than the one it was written beside (deleted, replaced);
+* `cache.sqlite` has changed since (another inode, size or mtime: deleted, replaced or
+  overwritten);
 * a task has an image (its key holds the image ID Docker resolves on each build), is
   `always_run`, or runs on a remote executor; a path is in Google Cloud Storage;
 * `--force`/`-B` is given.
@@ -54,9 +55,10 @@ if TYPE_CHECKING:
 
 FILE = "noop"
 UP_TO_DATE = "up to date"  # rebuild.Reason.UP_TO_DATE (not imported: see make())
-MAGIC = b"pipebuild-noop 1\n"
-# the fingerprint, the trace store's inode, then the sizes of the names, paths and stats parts
-_HEAD = struct.Struct("<32sQQQQ")
+MAGIC = b"pipebuild-noop 2\n"
+# the fingerprint, the trace store's stat data (inode, size, mtime_ns), then the sizes of
+# the names, paths and stats parts
+_HEAD = struct.Struct("<32sqqqQQQ")
 DB = "cache.sqlite"
 _OTHER_HOME = re.compile(r"""['"]~[^/'"]""")  # a quoted path that starts with ~user
 
@@ -181,6 +183,14 @@ def _fingerprint(
     return digest_str("\0".join(parts))
 
 
+def _db_stat(state_dir: str) -> tuple[int, int, int]:
+    """The trace store's inode, size and mtime: a build writes it (and closes it, so SQLite
+    has moved the write-ahead log into it) before it writes a certificate, and nothing
+    writes it until the next build voids the certificate anyway."""
+    st = os.stat(os.path.join(state_dir, DB))
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def check(state_dir: str, fp: str) -> list[str] | None:
     """The selected tasks' names if the certificate holds for `fp`, else None."""
     if os.path.exists(os.path.join(state_dir, "building")):
@@ -193,11 +203,11 @@ def check(state_dir: str, fp: str) -> list[str] | None:
     head_end = len(MAGIC) + _HEAD.size
     if not data.startswith(MAGIC) or len(data) < head_end:
         return None
-    recorded, db_ino, n_names, n_paths, n_stats = _HEAD.unpack_from(data, len(MAGIC))
+    recorded, *db, n_names, n_paths, n_stats = _HEAD.unpack_from(data, len(MAGIC))
     if recorded != fp.encode() or len(data) != head_end + n_names + n_paths + n_stats:
         return None
-    try:  # the traces it stands for are still there (not deleted or replaced)
-        if os.stat(os.path.join(state_dir, DB)).st_ino != db_ino:
+    try:  # the traces it stands for are still there, unchanged (not deleted or replaced)
+        if _db_stat(state_dir) != tuple(db):
             return None
     except OSError:
         return None
@@ -243,8 +253,7 @@ def write(state_dir: str, fp: str, names: list[str], files: dict[str, tuple[int,
     target = path(state_dir)
     tmp = target + ".tmp"
     try:
-        db_ino = os.stat(os.path.join(state_dir, DB)).st_ino
-        head = MAGIC + _HEAD.pack(fp.encode(), db_ino, len(names_b), len(paths_b), len(stats_b))
+        head = MAGIC + _HEAD.pack(fp.encode(), *_db_stat(state_dir), len(names_b), len(paths_b), len(stats_b))
         with open(tmp, "wb") as f:
             f.write(head + names_b + paths_b + stats_b)
         os.replace(tmp, target)

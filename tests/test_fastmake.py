@@ -165,3 +165,21 @@ def test_a_closed_stdout_ends_make_quietly(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "CI": "true"},
     )  # fmt: skip
     assert r.stderr == "status=1\n"
+
+
+def test_a_closed_stdout_after_quiet_make_ends_quietly(tmp_path: Path) -> None:
+    # Given a Pipefile that prints and `make -q` whose reader is gone before make exits,
+    # the output left in the buffer cannot be written: exit 1 without a message, not 120.
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "print('defining the pipeline')\n"
+        "p = Pipeline()\n"
+        "t = p.new_task(name='t')\n"
+        "t.command(f'echo hi > {t.ofile}')\n"
+        "p.write_output(t.ofile, 'out.txt')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    script = f'"{PIPEBUILD}" make -q | (exec 0<&-; sleep 0.5); echo "status=${{PIPESTATUS[0]}}" >&2'
+    for _ in range(2):  # a build, then a certified no-op
+        r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+        assert r.stderr == "status=1\n", r.stderr

@@ -161,16 +161,60 @@ def test_a_write_to_the_trace_store_voids_the_certificate(tmp_path):
     assert (r.ran, r.up_to_date, r.queries > 0) == ([], ["upper", "pair", "join"], True)
 
 
-def test_a_replaced_trace_store_voids_the_certificate(tmp_path):
-    """Given a certified workspace whose cache.sqlite is replaced, the build should go the full way."""
+@pytest.mark.parametrize("how", ["replaced", "overwritten"])
+def test_a_replaced_trace_store_voids_the_certificate(tmp_path, how):
+    """Given a certified workspace whose cache.sqlite is replaced (another inode) or
+    overwritten in place (`cp other cache.sqlite`: the same inode), check should refuse."""
     certified(tmp_path)
-    db = tmp_path / ".pipebuild" / "cache.sqlite"
-    copy = tmp_path / "copy.sqlite"
-    copy.write_bytes(db.read_bytes())  # same bytes, another inode
-    os.replace(copy, db)
-    for suffix in ("-wal", "-shm"):
-        (tmp_path / ".pipebuild" / ("cache.sqlite" + suffix)).unlink(missing_ok=True)
-    assert noop.check(str(tmp_path / ".pipebuild"), fp(define(), str(tmp_path)) or "") is None
+    state = tmp_path / ".pipebuild"
+    key = fp(define(), str(tmp_path)) or ""
+    assert noop.check(str(state), key) is not None
+    db = state / "cache.sqlite"
+    data = db.read_bytes()
+    if how == "replaced":
+        copy = tmp_path / "copy.sqlite"
+        copy.write_bytes(data)  # same bytes, another inode
+        os.replace(copy, db)
+    else:
+        ino = db.stat().st_ino
+        db.write_bytes(data + b"\0" * 4096)  # same inode, other bytes
+        assert db.stat().st_ino == ino
+    assert noop.check(str(state), key) is None
+
+
+def test_a_home_directory_changed_within_a_process_is_seen(tmp_path, monkeypatch):
+    """Given an input copied to `~/copy.txt`, a build in the same process under another HOME
+    should copy it there, and its certificate should name that file (no cached old path)."""
+    write_sources(tmp_path)
+    homes = [tmp_path / "h1", tmp_path / "h2"]
+
+    def home_copy(p: Pipeline, t: dict[str, task.Task]) -> None:
+        p.write_output(p.read_input("src/a.txt"), "~/copy.txt")
+
+    for home in homes:
+        home.mkdir()
+        monkeypatch.setenv("HOME", str(home))
+        run(tmp_path, define(home_copy))
+        assert (home / "copy.txt").read_text() == "alpha\n"
+    (homes[1] / "copy.txt").unlink()
+    r = run(tmp_path, define(home_copy))
+    assert r.queries > 0 and (homes[1] / "copy.txt").read_text() == "alpha\n"
+
+
+def test_a_pipefile_function_is_not_importable_by_name(tmp_path):
+    """Given a Pipefile whose function a spawned process must import, the build should
+    stop with one line (it cannot be pickled by name), not hang on a worker that fails."""
+    (tmp_path / "Pipefile.py").write_text(
+        "import multiprocessing as mp\n"
+        "from pipebuild import Pipeline\n"
+        "def sq(x):\n    return x * x\n"
+        "with mp.get_context('spawn').Pool(1) as pool:\n    N = sum(pool.map(sq, range(3)))\n"
+        "p = Pipeline()\nt = p.new_task(name='t')\n"
+        "t.command(f'echo {N} > {t.ofile}')\np.write_output(t.ofile, 'out.txt')\n"
+    )
+    r = subprocess.run([PIPEBUILD, "make"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and "PicklingError" in r.stderr, r.stderr
 
 
 def test_an_unfinished_build_voids_the_certificate(tmp_path):
@@ -427,8 +471,8 @@ def test_make_with_a_closed_standard_stream_succeeds(tmp_path, closed):
 
 
 def test_what_a_pipefile_leaves_open_is_flushed_at_exit(tmp_path):
-    """Given a Pipefile that writes to a file it never closes and registers an atexit
-    function, `make` should end as a script does: the file flushed, the function run."""
+    """Given a Pipefile that writes to a file it holds in a global and never closes, and an
+    atexit function, `make` should end with the file flushed and the function run."""
     (tmp_path / "Pipefile.py").write_text(
         "import atexit\n"
         "from pipebuild import Pipeline\n"
