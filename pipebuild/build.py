@@ -373,13 +373,12 @@ class _Build:
         and never when a file read (a source) is also written in the build (a destination):
         its row would then be the one the write left, not the one the decision read."""
         rows = self.stats.rows
-        read: list[str] = []  # hashed at the start: sources, input copies' sources
+        read = list(self.src)  # hashed at the start: the selected tasks' sources (then the copies')
         written: list[str] = []  # verified or published: destinations
         blobs: dict[str, tuple[int, int, int]] = {}  # outputs kept only in the store
         for node, sel in zip(self.nodes, self.selected, strict=True):
             if not sel:
                 continue
-            read.extend(inp.source for inp in node.inputs if inp.source is not None)
             outs = self.outputs[node.index] or {}
             for o in node.outputs:
                 written.extend(o.dests)
