@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 if TYPE_CHECKING:
     from .build import Options
@@ -105,9 +105,7 @@ def run(opts: dict[str, object]) -> int:
         sys.stderr.write("pipebuild: interrupted\n")
         return 130
     except BrokenPipeError:  # `pipebuild make | head`: exit 1 quietly, as click does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
-        os.close(devnull)
+        _to_devnull(sys.stdout)
         return 1
     return 0
 
@@ -216,14 +214,19 @@ def _exit(code: int) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):
             code = code or 1
-            try:  # the flush at exit must not fail again
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())
-                os.close(devnull)
-            except (OSError, ValueError, AttributeError):
-                pass
+            _to_devnull(stream)
     pygc.freeze()
     sys.exit(code)
+
+
+def _to_devnull(stream: TextIO) -> None:
+    """Point a stream whose reader went away at /dev/null: the flush at exit must not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main() -> None:
