@@ -67,6 +67,7 @@ class Options:
     reporter: Reporter | None = None
     remote_cache: str | None = None  # gs://BUCKET/PREFIX (see remote.py); None: see remote.settings
     remote_cache_read_only: bool = False
+    noop_fp: str | None = None  # the no-op fingerprint, when the caller computed it (fastmake)
 
     @property
     def state_dir(self) -> str:
@@ -854,7 +855,7 @@ def build(pipeline: Pipeline, options: Options) -> BuildResult:
         options.remote_cache, options.remote_cache_read_only, getattr(pipeline, "_backend", None)
     )
     options = dataclasses.replace(options, remote_cache=url, remote_cache_read_only=read_only)
-    fp = _noop_fingerprint(pipeline, options)
+    fp = options.noop_fp if options.noop_fp is not None else _noop_fingerprint(pipeline, options)
     locked = False
     # The no-op certificate (noop.py): all up to date, shown by a stat per file. Without one
     # (its file is absent), the lock is taken after planning, as a definition error comes first.

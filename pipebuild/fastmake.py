@@ -139,10 +139,12 @@ def _make(
     pipeline = load.load(path)
     verbosity = -1 if quiet else (1 if verbose else 0)
     reporter = choose(verbosity, explain, as_json)
+    fp = None
     try:
-        # Nothing to do, shown by the no-op certificate: the engine is not even imported.
-        if not force and noop.make(pipeline, os.getcwd(), targets or None, not no_wait, reporter, time.perf_counter()):
-            return
+        if not force:  # nothing to do, shown by the no-op certificate: the engine is not even imported
+            done, fp = noop.make(pipeline, os.getcwd(), targets or None, not no_wait, reporter, time.perf_counter())
+            if done:
+                return
     finally:
         reporter.close()
     from . import build
@@ -157,6 +159,7 @@ def _make(
         force_all=force and not targets,
         force=list(targets) if force and targets else [],
         wait=not no_wait,
+        noop_fp=fp,
     )
     build_and_report(pipeline, opts, verbosity, explain, as_json)
 

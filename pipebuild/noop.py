@@ -273,19 +273,20 @@ def report(names: list[str], reporter: Reporter, t0: float) -> None:
 
 def make(
     pipeline: Pipeline, workspace: str, targets: list[str] | None, wait: bool, reporter: Reporter, t0: float
-) -> bool:
-    """`pipebuild make` without importing the build engine: True if the certificate holds
-    (the build is reported), False if the full build must run."""
+) -> tuple[bool, str | None]:
+    """`pipebuild make` without importing the build engine: (True, fp) if the certificate
+    holds (the build is reported), else (False, fp) and the full build must run. `fp` is the
+    fingerprint if it was computed (the full build then need not compute it again)."""
     from .remote import settings
     from .workspace import STATE_DIR, Workspace
 
     state_dir = os.path.join(workspace, STATE_DIR)
     if not os.path.exists(path(state_dir)):
-        return False  # no certificate: no fingerprint to compute, no lock to take
+        return False, None  # no certificate: no fingerprint to compute, no lock to take
     url, read_only = settings(None, False, pipeline._backend)
     fp = fingerprint(pipeline, workspace, state_dir, targets, url, read_only)
     if fp is None:
-        return False
+        return False, None
     ws = Workspace(state_dir)
     ws.lock(wait, reporter)
     try:
@@ -293,6 +294,6 @@ def make(
     finally:
         ws.unlock()
     if names is None:
-        return False
+        return False, fp
     report(names, reporter, t0)
-    return True
+    return True, fp

@@ -487,3 +487,40 @@ def test_what_a_pipefile_leaves_open_is_flushed_at_exit(tmp_path):
         subprocess.run([PIPEBUILD, "make"], cwd=tmp_path, check=True, capture_output=True)
     assert (tmp_path / "defined.log").read_text() == "defined\n" * 2
     assert (tmp_path / "atexit.log").read_text() == "ran\n" * 2
+
+
+def test_a_stale_make_computes_the_fingerprint_once(tmp_path, monkeypatch):
+    """Given a certified workspace and an edited source, `make` should compute the
+    fingerprint once: the full build takes the one the certificate check computed."""
+    from pipebuild import fastmake
+
+    (tmp_path / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "a = p.read_input('src/a.txt')\n"
+        "t = p.new_task(name='t')\n"
+        "t.command(f'cat {a} > {t.ofile}')\n"
+        "p.write_output(t.ofile, 'out/t.txt')\n"
+    )
+    write_sources(tmp_path)
+    make = [PIPEBUILD, "make", "-q"]
+    subprocess.run(make, cwd=tmp_path, check=True)
+    age(tmp_path)
+    subprocess.run(make, cwd=tmp_path, check=True)  # writes the certificate
+    assert (tmp_path / ".pipebuild" / "noop").exists()
+    (tmp_path / "src" / "a.txt").write_text("changed\n")
+    age(tmp_path)  # outside the racy window, so that the full build certifies again
+    calls: list[str | None] = []
+    real = noop._fingerprint
+
+    def counted(*args: object) -> str | None:
+        calls.append(real(*args))  # type: ignore[arg-type]
+        return calls[-1]
+
+    monkeypatch.setattr(noop, "_fingerprint", counted)
+    monkeypatch.chdir(tmp_path)
+    assert fastmake.run(fastmake.parse(["make", "-q", "-C", str(tmp_path)])) == 0
+    assert len(calls) == 1 and calls[0] is not None
+    assert (tmp_path / "out" / "t.txt").read_text() == "changed\n"
+    # the full build certified with the fingerprint the check computed
+    assert noop.check(str(tmp_path / ".pipebuild"), calls[0]) == ["t"]
