@@ -427,9 +427,10 @@ def test_every_attribute_of_the_api_objects_is_classified():
 # -- the command line ------------------------------------------------------------------
 
 
-def test_certified_make_does_not_import_the_engine(tmp_path):
-    """Given a certified workspace, `pipebuild make` should answer without the engine or SQLite."""
-    (tmp_path / "Pipefile.py").write_text(
+def certified_project(root: Path) -> list[str]:
+    """A one-task Pipefile (src/a.txt -> out/t.txt), built and certified by `pipebuild make`;
+    returns that command."""
+    (root / "Pipefile.py").write_text(
         "from pipebuild import Pipeline\n"
         "p = Pipeline()\n"
         "a = p.read_input('src/a.txt')\n"
@@ -437,11 +438,18 @@ def test_certified_make_does_not_import_the_engine(tmp_path):
         "t.command(f'cat {a} > {t.ofile}')\n"
         "p.write_output(t.ofile, 'out/t.txt')\n"
     )
-    write_sources(tmp_path)
+    write_sources(root)
     make = [PIPEBUILD, "make"]
-    assert "1 ran" in subprocess.run(make, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-    age(tmp_path)
-    subprocess.run(make, cwd=tmp_path, check=True, capture_output=True)  # writes the certificate
+    assert "1 ran" in subprocess.run(make, cwd=root, check=True, capture_output=True, text=True).stdout
+    age(root)
+    subprocess.run(make, cwd=root, check=True, capture_output=True)  # writes the certificate
+    assert (root / ".pipebuild" / "noop").exists()
+    return make
+
+
+def test_certified_make_does_not_import_the_engine(tmp_path):
+    """Given a certified workspace, `pipebuild make` should answer without the engine or SQLite."""
+    make = certified_project(tmp_path)
     code = (  # what fastmake.main does, up to its exit
         "import sys\n"
         "from pipebuild import fastmake\n"
@@ -494,20 +502,7 @@ def test_a_stale_make_computes_the_fingerprint_once(tmp_path, monkeypatch):
     fingerprint once: the full build takes the one the certificate check computed."""
     from pipebuild import fastmake
 
-    (tmp_path / "Pipefile.py").write_text(
-        "from pipebuild import Pipeline\n"
-        "p = Pipeline()\n"
-        "a = p.read_input('src/a.txt')\n"
-        "t = p.new_task(name='t')\n"
-        "t.command(f'cat {a} > {t.ofile}')\n"
-        "p.write_output(t.ofile, 'out/t.txt')\n"
-    )
-    write_sources(tmp_path)
-    make = [PIPEBUILD, "make", "-q"]
-    subprocess.run(make, cwd=tmp_path, check=True)
-    age(tmp_path)
-    subprocess.run(make, cwd=tmp_path, check=True)  # writes the certificate
-    assert (tmp_path / ".pipebuild" / "noop").exists()
+    certified_project(tmp_path)
     (tmp_path / "src" / "a.txt").write_text("changed\n")
     age(tmp_path)  # outside the racy window, so that the full build certifies again
     calls: list[str | None] = []
