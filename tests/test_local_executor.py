@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipebuild.executors import Job
-from pipebuild.executors.local import LocalExecutor, needs_own_bash, stop_orphans
+from pipebuild.executors.local import LocalExecutor, exec_form, needs_own_bash, stop_orphans
 
 
 def job(tmp_path: Path, name: str, body: str, **kw: object) -> Job:
@@ -105,7 +105,7 @@ def test_stop_orphans_recognises_a_server_forked_shell(tmp_path: Path, how: str)
 PROBE = r"""echo "argc=$# args=$*"
 echo "oldpwd=${OLDPWD-<unset>}"
 declare -p OLDPWD 2>&1 | sed 's/=.*//' || true
-echo "seconds=$SECONDS shlvl=$SHLVL zero=$0 opts=${-//c/}"
+echo "seconds<2: $((SECONDS < 2)) shlvl=$SHLVL zero=$0 opts=${-//c/}"
 echo "tasks=${PIPEBUILD_TASKS-<unset>}"
 trap 'echo "exit trap $?"' EXIT
 env | grep -v -e '^_=' -e '^PIPEBUILD_TASK_DIR=' | sort
@@ -129,7 +129,9 @@ def test_what_a_script_sees_equals_bash_c(tmp_path: Path, body: str) -> None:
     )
     ex = LocalExecutor()
     try:
-        ex.run(job(tmp_path, "warm-up", "cd /; true"))  # the server has run a job before
+        # The server has run a job before, and is 2 s old: SECONDS must start from 0 again
+        # (compared as "< 2", so that a second boundary crossed during the script is no failure).
+        ex.run(job(tmp_path, "warm-up", "cd /; sleep 2.1"))
         r = ex.run(j)
     finally:
         ex.close()
@@ -197,3 +199,121 @@ def test_a_process_left_running_is_reported(tmp_path: Path) -> None:
     finally:
         ex.close()
         subprocess.run(["pkill", "-f", marker])
+
+
+def _oracle(j: Job) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PIPEBUILD_TASK_DIR=j.dir, **j.env)
+    return subprocess.run(
+        ["bash", "-c", j.script], cwd=j.dir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+
+
+def _exec_form(ex: LocalExecutor, j: Job) -> str | None:
+    tasks_dir = os.path.dirname(j.dir)
+    shell = ex._shell(tasks_dir)
+    try:
+        return exec_form(j, shell, ex._programs)
+    finally:
+        ex._release(tasks_dir, shell)
+
+
+def _script(path: Path, body: str) -> None:
+    path.write_text(body)
+    path.chmod(0o755)
+
+
+# A #! script that says whether it is the job's process group leader: the shell the
+# server forked for the job, which an exec'd command replaces (and a forked one does not).
+LEADER = '#!/bin/sh\n[ "$(ps -o pgid= -p $$ | tr -d " ")" = "$$" ] && echo leader || echo child\n'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "env > out/env",
+        "./leader > out/leader",
+        "grep -h '^[a-z]' in/a in/b > out/both 2> out/err",
+        "cat < in/a >> out/appended",
+        "cat in/missing > out/x",  # fails (exit 1, message on stderr)
+        "  sort -r   in/a  ",  # to the stdout log
+    ],
+)
+def test_a_simple_command_is_execd_and_does_what_bash_c_does(tmp_path: Path, body: str) -> None:
+    # Given a script that is one simple command, the forked shell execs it (one process
+    # fewer), and the command's outputs, logs, exit code and environment are bash -c's.
+    ex = LocalExecutor()
+    try:
+        runs = {}
+        for who in ("oracle", "server"):
+            j = job(tmp_path, who, body)
+            for d in ("in", "out"):
+                os.mkdir(os.path.join(j.dir, d))
+            Path(j.dir, "in", "a").write_text("b\nA\na\n")
+            Path(j.dir, "in", "b").write_text("c\n")
+            Path(j.dir, "out", "appended").write_text("kept\n")
+            _script(Path(j.dir, "leader"), LEADER)
+            assert _exec_form(ex, j) is not None
+            if who == "oracle":
+                p = _oracle(j)
+                code, stdout, stderr = p.returncode, p.stdout, p.stderr
+            else:
+                r = ex.run(j)
+                code, stdout, stderr = r.exit_code, Path(j.stdout).read_text(), Path(j.stderr).read_text()
+            outs = {}
+            for name in sorted(os.listdir(os.path.join(j.dir, "out"))):
+                text = Path(j.dir, "out", name).read_text().replace(j.dir, "TASKDIR")
+                outs[name] = sorted(text.splitlines()) if name == "env" else text  # `_` moves in env's order
+            runs[who] = (code, stdout, stderr, outs)
+        oracle, server = runs["oracle"], runs["server"]
+        if "leader" in body:
+            assert oracle[3]["leader"] == "child\n" and server[3]["leader"] == "leader\n"
+            server[3]["leader"] = oracle[3]["leader"]
+        assert server == oracle
+        assert len(ex._shells) == 1
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "echo hi > out/x",  # a builtin
+        "time sleep 0",  # a keyword
+        "FOO=1 env",  # an assignment first
+        "cat in/* > out/x",  # a glob
+        "cat ~/x",  # a tilde
+        'cat "in/a"',  # double quotes
+        "cat in/a | sort",  # a pipeline
+        "cat in/a 2>&1",  # a descriptor duplicated
+        "cat in/a; cat in/b",  # a list
+        "cat in/a\ncat in/b",  # two lines
+        "no-such-command-here x",  # not found: bash's own message
+        "./plain > out/x",  # an executable without #!: bash runs it as a script
+        "./leader 'a b' > out/x\n",  # ... with a line after it
+    ],
+)
+def test_what_is_not_a_simple_command_is_not_execd(tmp_path: Path, body: str) -> None:
+    ex = LocalExecutor()
+    try:
+        j = job(tmp_path, "x", body)
+        _script(Path(j.dir, "plain"), "echo plain\n")
+        _script(Path(j.dir, "leader"), LEADER)
+        assert _exec_form(ex, j) is None
+        traced = job(tmp_path, "traced", "env > out")
+        traced.script = traced.script.replace("set -euo", "set -euxo")  # `+ exec ...` would show
+        assert _exec_form(ex, traced) is None
+    finally:
+        ex.close()
+
+
+def test_an_exported_function_is_not_bypassed_by_exec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a bash function `sort` exported in the environment, `sort` runs the function, as
+    # under bash -c: the command is not exec'd (exec would run /usr/bin/sort).
+    monkeypatch.setenv("BASH_FUNC_sort%%", "() {  echo function;\n}")
+    ex = LocalExecutor()
+    try:
+        j = job(tmp_path, "f", "sort /dev/null")
+        assert ex.run(j).exit_code == 0
+        assert Path(j.stdout).read_text() == _oracle(j).stdout == "function\n"
+    finally:
+        ex.close()
