@@ -604,9 +604,10 @@ class _Build:
             if inp.source is not None:
                 digest = self.src[inp.source]
                 if not self.cas.has(digest):
-                    if not self.cas.put_copy(_local(self.cas, inp.source, digest), digest):
+                    size = self.cas.copy_in(_local(self.cas, inp.source, digest), digest)
+                    if size is None:
                         raise _InputLost(f"input {inp.display} changed during the build; run again")
-                    added.append((digest, os.stat(self.cas.path(digest)).st_size))
+                    added.append((digest, size))
                 src = self.cas.path(digest)
             else:
                 outs = self.outputs[inp.producer]

@@ -10,27 +10,28 @@ if its bytes still match, deleted if not.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import stat
-import tempfile
 
 from .hashing import copy_and_hash, hash_file
 
 SENTINEL_MTIME_NS = 1_000_000_000
+_names = itertools.count()  # temporary names under tmp/, unique in this process
 
 
 class ContentStore:
     """Blobs by digest under `root`."""
 
     def __init__(self, root: str) -> None:
-        self.root = root
+        self.root = root.rstrip("/") or "/"
         self._dirs: set[str] = set()
         self.tmp = os.path.join(root, "tmp")
 
     def path(self, digest: str) -> str:
         """Where the blob with this digest lives."""
-        return os.path.join(self.root, digest[:2], digest[2:])
+        return f"{self.root}/{digest[:2]}/{digest[2:]}"  # os.path.join, for a digest (~1 us less)
 
     def has(self, digest: str) -> bool:
         """True if the blob is present and intact; a damaged blob is deleted."""
@@ -64,19 +65,31 @@ class ContentStore:
         if st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # Another name shares this inode (or it is a link): store a private copy, so
             # marking the blob never touches a file outside the store.
-            tmp = self._tmp_file(digest)
-            shutil.copyfile(src, tmp)
+            fd, tmp = self._tmp_file(digest)
+            try:
+                with open(src, "rb") as f, open(fd, "wb", closefd=False) as out:
+                    shutil.copyfileobj(f, out)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+            os.close(fd)
             os.unlink(src)
             src = tmp
         _mark(src)
         _install(src, self.path(digest))
 
-    def _tmp_file(self, digest: str) -> str:
-        """A fresh temporary name: tasks running at once may store the same digest."""
-        os.makedirs(self.tmp, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=digest[:8] + ".")
-        os.close(fd)
-        return tmp
+    def _tmp_file(self, digest: str) -> tuple[int, str]:
+        """A new file under a fresh temporary name (tasks running at once may store the same
+        digest), open for writing: (descriptor, path)."""
+        while True:
+            tmp = f"{self.tmp}/{digest[:8]}.{next(_names)}"
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
+            except FileExistsError:
+                continue  # left by a build that was killed (the next build's recovery empties tmp/)
+            except FileNotFoundError:
+                os.makedirs(self.tmp, exist_ok=True)
 
     def put_copy(self, src: str, digest: str) -> bool:
         """Add a copy of `src` (a file that must stay where it is) if its bytes have `digest`.
@@ -84,15 +97,26 @@ class ContentStore:
         The copy is hashed as it is written, so a file that changed since it was hashed is
         caught here; returns False (and stores nothing) when the bytes differ.
         """
-        if self.has(digest):
-            return True
+        return self.has(digest) or self.copy_in(src, digest) is not None
+
+    def copy_in(self, src: str, digest: str) -> int | None:
+        """put_copy of a digest not in the store; returns the blob's size, or None when the
+        bytes of `src` do not have `digest`.
+
+        The copy is written through the descriptor that created it: reopening it with
+        O_TRUNC would make ext4 write it out at close (its auto_da_alloc rule for files
+        truncated to 0 bytes), ~50 us of CPU and a wait for the disk per blob."""
         self._dir_for(digest)
-        tmp = self._tmp_file(digest)
+        fd, tmp = self._tmp_file(digest)
         try:
-            if copy_and_hash(src, tmp) != digest:
-                os.unlink(tmp)
-                return False
-            _mark(tmp)
+            try:
+                if copy_and_hash(src, fd) != digest:
+                    os.unlink(tmp)
+                    return None
+                size = os.fstat(fd).st_size
+                _mark(fd)
+            finally:
+                os.close(fd)
             _install(tmp, self.path(digest))
         except BaseException:
             try:
@@ -100,7 +124,7 @@ class ContentStore:
             except FileNotFoundError:
                 pass
             raise
-        return True
+        return size
 
     def link_to(self, digest: str, dst: str) -> None:
         """Make the blob visible at `dst`: a hard link, or a copy across devices."""
@@ -135,7 +159,8 @@ def _install(src: str, path: str) -> None:
     os.unlink(src)
 
 
-def _mark(path: str) -> None:
+def _mark(path: str | int) -> None:
+    """Make a blob (a path, or a descriptor open on it) read-only, with the sentinel mtime."""
     os.chmod(path, 0o444)
     os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
 

@@ -29,9 +29,10 @@ def hash_file(path: str) -> str:
     return _stream(path, None)
 
 
-def copy_and_hash(src: str, dst: str) -> str:
-    """Copy `src` to `dst` in 1 MiB blocks and return the digest of the bytes copied."""
-    with open(dst, "wb") as out:
+def copy_and_hash(src: str, dst: str | int) -> str:
+    """Copy `src` to `dst` (a path, or a descriptor open for writing, left open) in 1 MiB
+    blocks and return the digest of the bytes copied."""
+    with open(dst, "wb", closefd=isinstance(dst, str)) as out:
         return _stream(src, out.write)
 
 

@@ -6,6 +6,7 @@ one-line warning and a fresh, working cache, never an exception (ARCHITECTURE.md
 the end-to-end variants run `pipebuild make` after the damage and check its outputs.
 """
 
+import builtins
 import json
 import os
 import random
@@ -545,6 +546,40 @@ def test_put_of_a_hard_linked_file_never_touches_the_other_name(cas, tmp_path):
     assert os.stat(cas.path(d)).st_ino != after.st_ino
     assert_marked(cas.path(d))
     assert not os.listdir(cas.tmp)
+
+
+def test_copy_in_writes_the_copy_through_the_descriptor_that_created_it(cas, tmp_path, monkeypatch):
+    """Given a source copied into the store, its temporary file should be opened once, with
+    O_EXCL, and never reopened with O_TRUNC (ext4 writes a file truncated to 0 bytes out at
+    close); the blob is marked, its size returned, and nothing is left in tmp/. A source
+    whose bytes are not the digest's stores nothing."""
+    src = tmp_path / "source.txt"
+    d = write(src, b"x" * 5000)
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy(path, flags, *args, **kw):
+        fd = real_open(path, flags, *args, **kw)
+        opened.append((str(path), flags))  # opened (the first try fails: no tmp/ yet)
+        return fd
+
+    real_builtin_open = builtins.open
+
+    def builtin_spy(file, mode="r", *args, **kw):
+        if isinstance(file, str) and "w" in mode:
+            opened.append((file, os.O_TRUNC))  # open(path, "w...") truncates
+        return real_builtin_open(file, mode, *args, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    monkeypatch.setattr(builtins, "open", builtin_spy)
+    assert cas.copy_in(str(src), d) == 5000
+    temps = [(p, f) for p, f in opened if p.startswith(cas.tmp + os.sep)]
+    assert len(temps) == 1 and temps[0][1] & os.O_EXCL and not temps[0][1] & os.O_TRUNC
+    assert Path(cas.path(d)).read_bytes() == b"x" * 5000
+    assert_marked(cas.path(d))
+    assert os.listdir(cas.tmp) == []
+    assert cas.copy_in(str(src), "0" * 32) is None
+    assert not cas.has("0" * 32) and os.listdir(cas.tmp) == []
 
 
 def test_put_copy_keeps_the_source(cas, tmp_path):
