@@ -10,6 +10,7 @@ task's last trace does not match, so a no-op build issues no query per task.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -91,7 +92,7 @@ class StatCache:
         row = self.rows.get(path)
         if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns and row[2] == st.st_ino:
             return row[3]
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             return None
         d = hash_file(path)
         self.hashed += 1
