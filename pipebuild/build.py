@@ -553,23 +553,19 @@ class _Build:
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
-        job = self._job(node, workdir, staged, key)
         with self.command_slots:
             if self.stopping and not node.always_run:
                 out.failure = TaskFailure(node.name, STOPPED)
                 return out
             self.reporter.started(node.name)  # worker thread: the live display lists running tasks
-            found, reusable = self._run_command(node, job, out)
+            reusable = self._run_command(node, workdir, out, staged, key)
             if out.failure is not None and not self.options.keep_going:
                 self.stopping = True
         if out.failure is None:
             try:
-                self._store(found, out)  # after the slot: the next command need not wait for it
                 self._publish(node, out)
             except OSError as e:
-                out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
-                if not self.options.keep_going:
-                    self.stopping = True
+                out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(self._log(node, "err")))
                 return out
             out.ok = True
             if self.options.delete_scratch:
@@ -581,12 +577,18 @@ class _Build:
                 self.remote.upload(key, out.outputs, self.cas)  # a failure is a warning
         return out
 
-    def _job(self, node: Node, workdir: str, staged: list[tuple[str, str]], key: str | None) -> Job:
+    def _run_command(
+        self, node: Node, workdir: str, out: _Outcome, staged: list[tuple[str, str]], key: str | None
+    ) -> bool:
+        """Run the task's command in `workdir` and move its outputs into the store. Returns
+        False if the directory must not be reused (a process the task started still runs)."""
+        t0 = time.perf_counter()
+        opts = self.options
         task = node.task
-        return Job(
+        job = Job(
             name=node.name,
             dir=workdir,
-            script=task_script(node, self.options.verbose),
+            script=task_script(node, opts.verbose),
             stdout=self._log(node, "out"),
             stderr=self._log(node, "err"),
             timeout=node.timeout,
@@ -598,12 +600,6 @@ class _Build:
             storage=task._storage,
             key=key,
         )
-
-    def _run_command(self, node: Node, job: Job, out: _Outcome) -> tuple[list[tuple[str, str, int]], bool]:
-        """Run the task's command (in a command slot) and find its outputs: (relpath, path,
-        size) of each, and False if the directory must not be reused (a process the task
-        started still runs). A missing output is a failure here, before the slot is freed."""
-        t0 = time.perf_counter()
         res: JobResult = self.executor.run(job)
         out.seconds = time.perf_counter() - t0
         if res.exit_code != 0 or res.timed_out or res.error:
@@ -614,8 +610,12 @@ class _Build:
             else:
                 detail = f"exit code {res.exit_code}"
             out.failure = TaskFailure(node.name, detail, show_path(job.stderr), _tail(job.stderr))
-            return [], False
-        return self._find_outputs(node, job.dir, out), not res.left_running
+            return False
+        try:
+            self._collect(node, workdir, out)
+        except OSError as e:
+            out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
+        return not res.left_running
 
     def _prepare(self, node: Node, workdir: str, staged: list[tuple[str, str]]) -> list[tuple[str, int]]:
         """Lay out the task directory; returns the blobs it added to the store, and appends
@@ -753,8 +753,7 @@ class _Build:
         self.stale.add(producer)
         raise _InputLost(f"input {relpath} of {self.nodes[producer].name} is missing from the content store; run again")
 
-    def _find_outputs(self, node: Node, workdir: str, out: _Outcome) -> list[tuple[str, str, int]]:
-        found = []
+    def _collect(self, node: Node, workdir: str, out: _Outcome) -> None:
         missing = []
         for o in node.outputs:
             path = os.path.join(workdir, o.relpath)
@@ -766,7 +765,11 @@ class _Build:
                 if o.required:
                     missing.append(o.relpath)
                 continue
-            found.append((o.relpath, path, st.st_size))
+            size = st.st_size
+            d = hash_file(path)
+            self.cas.put(path, d)
+            out.outputs[o.relpath] = d
+            out.blobs.append((d, size))
         if missing:
             out.failure = TaskFailure(
                 node.name,
@@ -774,15 +777,6 @@ class _Build:
                 show_path(self._log(node, "err")),
                 _tail(self._log(node, "err")),
             )
-        return found
-
-    def _store(self, found: list[tuple[str, str, int]], out: _Outcome) -> None:
-        """Hash each output found and move it into the content store."""
-        for relpath, path, size in found:
-            d = hash_file(path)
-            self.cas.put(path, d)
-            out.outputs[relpath] = d
-            out.blobs.append((d, size))
 
     def _publish(self, node: Node, out: _Outcome) -> None:
         """Copy each stored output to its destinations."""
