@@ -11,11 +11,9 @@ as a new bash has them, and nothing of the server left in its variables
 (tests/test_local_executor.py compares the two). A fork cannot change `$$` (it stays
 the server's pid) or BASH_SUBSHELL, so a script that mentions them, or that runs other
 code with `source`, `.` or `eval`, gets a bash of its own, exec'd from the fork
-(`needs_own_bash`). A script that is one simple command has it exec'd by the forked shell
-rather than forked once more (`exec_form`). Still different: `$-` lacks `c`, a syntax
-error is reported as `bash: eval: line N` rather than `bash: -c: line N`, a job killed by
-a signal reports exit code 128+N as a shell does (a child of Python saw -N), and an
-exec'd command killed by a signal leaves no "Segmentation fault" line in the log.
+(`needs_own_bash`). Still different: `$-` lacks `c`, a syntax error is reported as
+`bash: eval: line N` rather than `bash: -c: line N`, and a job killed by a signal
+reports exit code 128+N as a shell does (a child of Python saw -N).
 
 A request is written to a file (bash reads a pipe one byte at a time, a file in blocks);
 one byte on the server's stdin says "go", and it answers with the job's pid, then its exit
@@ -27,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import shlex
 import signal
 import subprocess
 import threading
@@ -71,83 +68,6 @@ def needs_own_bash(script: str) -> bool:
     return _OWN_BASH.search(script) is not None
 
 
-# A task whose script is one simple command (`grep -v x in/a > out/b`) has that command
-# exec'd by the forked shell (`exec_form`) instead of forked from it: one fork fewer per
-# task (~0.25 ms of CPU here, a tenth of what a one-line task costs in all). Only a command
-# line that bash runs exactly as `exec` does qualifies: words of plain characters or
-# single-quoted text (nothing expanded: no `$`, backquote, glob, brace, tilde, backslash or
-# double quote), `<`, `>`, `>>` redirections of file descriptors 0-2, and a first word that
-# is no builtin, keyword or assignment and names an executable found on PATH (or by its
-# path), a binary or `#!` script. `_` is set in its environment as a forked command has it.
-# The one difference left: a command killed by a signal leaves no "Segmentation fault" line
-# in the log (as under `bash -c CMD` when CMD has no redirection, which bash execs too).
-_STRICT = "set -euo pipefail\n"  # the head of a script without -x (build.task_script)
-_WORD = r"(?:[A-Za-z0-9_@%+,./:=-]|'[^'\n]*')+"
-_SIMPLE = re.compile(rf"[ \t]*([A-Za-z0-9_@%+,./:-]+)((?:[ \t]+(?:{_WORD}|[012]?(?:>>?|<)[ \t]*{_WORD}))*)[ \t]*\n")
-_FUNCTION = "BASH_FUNC_"  # how bash exports a function in the environment
-_BASH_WORDS = frozenset(
-    ". : [ alias bg bind break builtin caller cd command compgen complete compopt continue declare dirs "
-    "disown echo enable eval exec exit export false fc fg getopts hash help history jobs kill let local "
-    "logout mapfile popd printf pushd pwd read readarray readonly return set shift shopt source suspend "
-    "test times trap true type typeset ulimit umask unalias unset wait if then else elif fi case esac "
-    "for select while until do done in function time { } ! [[ ]] coproc".split()
-)  # bash 5.2: `compgen -b -k`
-
-
-class _Programs:
-    """Finds the program a command name runs, as bash's PATH search does; remembers it."""
-
-    def __init__(self) -> None:
-        self._found: dict[tuple[str, str], str | None] = {}
-
-    def find(self, name: str, path: str, cwd: str) -> str | None:
-        """What bash sets `_` to when it runs `name` (the program's path as found), or None
-        if that is not an executable binary or `#!` script found before anything else."""
-        if "/" in name:
-            return name if _program(os.path.join(cwd, name)) else None
-        key = (name, path)
-        if key not in self._found:
-            found = None
-            for d in path.split(":"):
-                if not os.path.isabs(d):  # "" or "." is the working directory: leave it to bash
-                    break
-                candidate = os.path.join(d, name)
-                if _program(candidate):
-                    found = candidate
-                    break
-                if os.path.lexists(candidate):
-                    break  # not runnable as it is, and bash would say more than "not found"
-            self._found[key] = found
-        return self._found[key]
-
-
-def _program(path: str) -> bool:
-    try:
-        if not os.access(path, os.X_OK) or not os.path.isfile(path):
-            return False
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return False
-    return magic == b"\x7fELF" or magic[:2] == b"#!"
-
-
-def exec_form(job: Job, shell: _Shell, programs: _Programs) -> str | None:
-    """The job's script with its one simple command exec'd, or None (see _SIMPLE)."""
-    script = job.script
-    if not script.startswith(_STRICT) or shell.functions:  # (an exported function may be what a name runs)
-        return None
-    m = _SIMPLE.fullmatch(script, len(_STRICT))
-    if m is None or m[1] in _BASH_WORDS or m[1].startswith("-") or "=" in m[1]:
-        return None
-    if job.env and any(k.startswith(_FUNCTION) for k in job.env):
-        return None
-    program = programs.find(m[1], job.env.get("PATH", shell.path), job.dir)
-    if program is None:
-        return None
-    return f"{_STRICT}_={shlex.quote(program)} exec {m[1]}{m[2]}\n"
-
-
 # Set in every server's environment (so in /proc/PID/environ of the job's shell, which
 # keeps the environment it was forked with): lets stop_orphans recognise a job. The server
 # writes its running job's pid to `.shell<n>.pid` beside the task directories (blank when
@@ -177,8 +97,6 @@ class _Shell:
         self.pidfile = os.path.join(tasks_dir, f".shell{n}.pid")
         env = dict(os.environ)
         env[TASKS_ENV] = tasks_dir
-        self.functions = any(k.startswith(_FUNCTION) for k in env)  # see exec_form
-        self.path = env.get("PATH", "")
         self._request_fd = os.open(self.request, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._request_len = 0
         try:
@@ -191,12 +109,11 @@ class _Shell:
             raise
         self._buf = b""
 
-    def start(self, job: Job, how: str, script: str | None = None) -> int:
-        """Fork the job's shell (`how`: see _LOOP) to run `script` (default: the job's);
-        returns its pid (also its process group)."""
+    def start(self, job: Job, how: str) -> int:
+        """Fork the job's shell (`how`: see _LOOP); returns its pid (also its process group)."""
         fields = [job.dir, job.stdout, job.stderr, how, str(len(job.env))]
         fields += [f"{k}={v}" for k, v in job.env.items()]
-        fields.append(job.script if script is None else script)
+        fields.append(job.script)
         data = b"\0".join(f.encode("utf-8", "surrogateescape") for f in fields) + b"\0"
         done = 0
         while done < len(data):
@@ -260,7 +177,6 @@ class LocalExecutor:
         self._idle: dict[str, list[_Shell]] = {}  # by the directory holding the task directories
         self._shells: list[_Shell] = []
         self._made = 0
-        self._programs = _Programs()
 
     def _shell(self, tasks_dir: str) -> _Shell:
         with self._lock:
@@ -303,8 +219,7 @@ class LocalExecutor:
             except OSError as e:
                 return JobResult(127, error=f"cannot start bash: {e}")
             try:
-                script = exec_form(job, shell, self._programs) if how == "e" else None
-                pid = shell.start(job, how, script)
+                pid = shell.start(job, how)
                 break
             except (_ShellExited, ValueError, OSError) as e:
                 shell.close()
