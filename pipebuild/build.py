@@ -32,7 +32,7 @@ from .cas import ContentStore, link_or_copy
 from .exceptions import BuildFailed, DefinitionError, MissingInputError, UsageError
 from .executors import STOPPED, Executor, Job, JobResult
 from .gcs import is_gs, stat_cache
-from .graph import Graph, Input, Node, plan, resolve, show_path
+from .graph import Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
 from .pipeline import Pipeline
 from .rebuild import Action, Decision, Reason, Rebuilder
@@ -327,44 +327,18 @@ class _Build:
         return r
 
     def _digest_sources(self) -> dict[str, str]:
-        """The digests of the selected tasks' sources that the stat cache knows; a source it
-        does not know (a clean build: all of them) is only checked here, and hashed when
-        its first task is decided (`_source`), beside commands already running instead of
-        before the first one (10,000 sources: ~0.35 s). A missing source stops the build
-        here, before anything runs."""
         src: dict[str, str] = {}
-        seen: set[str] = set()
-        rows = self.stats.rows
         for node, sel in zip(self.nodes, self.selected, strict=True):
             if not sel:
                 continue
             for inp in node.inputs:
-                if inp.source is not None and inp.source not in seen:
-                    seen.add(inp.source)
-                    if inp.source in rows or is_gs(inp.source):  # (gs://: a generation, not a stat)
-                        d = self.stats.digest(inp.source)
-                    else:
-                        try:
-                            d = "" if stat.S_ISREG(os.stat(inp.source).st_mode) else None
-                        except (FileNotFoundError, NotADirectoryError):
-                            d = None
+                if inp.source is not None and inp.source not in src:
+                    d = self.stats.digest(inp.source)
                     if d is None:
                         what = "is a directory" if os.path.isdir(inp.source) else "does not exist"
                         raise MissingInputError(f"input file {inp.display} {what}", inp.where or node.where)
-                    if d:
-                        src[inp.source] = d
+                    src[inp.source] = d
         return src
-
-    def _source(self, inp: Input, node: Node) -> str:
-        """The digest of a source file (main thread: `_decide`)."""
-        d = self.src.get(inp.source)  # type: ignore[arg-type]
-        if d is None:
-            assert inp.source is not None
-            d = self.stats.digest(inp.source)
-            if d is None:  # removed since the build began
-                raise MissingInputError(f"input file {inp.display} does not exist", inp.where or node.where)
-            self.src[inp.source] = d
-        return d
 
     def _copies(self) -> Iterator[tuple[InputResourceFile, str, list[str]]]:
         """(input, source, destinations) for the input copies this build makes: with
@@ -402,7 +376,7 @@ class _Build:
         and never when a file read (a source) is also written in the build (a destination):
         its row would then be the one the write left, not the one the decision read."""
         rows = self.stats.rows
-        read = list(self.src)  # hashed when decided: the selected tasks' sources (then the copies')
+        read = list(self.src)  # hashed at the start: the selected tasks' sources (then the copies')
         written: list[str] = []  # verified or published: destinations
         blobs: dict[str, tuple[int, int, int]] = {}  # outputs kept only in the store
         for node, sel in zip(self.nodes, self.selected, strict=True):
@@ -442,7 +416,7 @@ class _Build:
         inputs: list[tuple[str, str, str]] = []
         for inp in node.inputs:
             if inp.source is not None:
-                d: str | None = self._source(inp, node)
+                d: str | None = self.src[inp.source]
             else:
                 outs = self.outputs[inp.producer]
                 d = outs.get(inp.producer_relpath) if outs else None
