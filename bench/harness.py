@@ -109,7 +109,7 @@ def snapshot(d, outs):
 # previous run's ~10,000-50,000 files right before a build made each file the build
 # created cost ~140 us of CPU instead of ~10 us: a cost of the deletion, charged to
 # whichever tool ran next, in proportion to the files it creates.
-TRASH = None  # set by cmd_run: <workdir>/.trash
+TRASH = None  # set by cmd_run: a new directory of its own under <workdir>/.trash
 _trashed = [0]
 
 
@@ -120,14 +120,13 @@ def discard(path):
     if TRASH is None:
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
         return
-    os.makedirs(TRASH, exist_ok=True)
     _trashed[0] += 1
     os.rename(path, os.path.join(TRASH, f"{_trashed[0]}-{os.path.basename(path)}"))
 
 
 def empty_trash():
     if TRASH is not None:
-        shutil.rmtree(TRASH, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(TRASH), ignore_errors=True)  # this run's and any left before
 
 
 def clean(d, tool):
@@ -277,7 +276,8 @@ def cmd_probe(a):
 def cmd_run(a):
     global TRASH
     os.makedirs(a.workdir, exist_ok=True)
-    TRASH = os.path.join(a.workdir, ".trash")
+    os.makedirs(os.path.join(a.workdir, ".trash"), exist_ok=True)
+    TRASH = tempfile.mkdtemp(dir=os.path.join(a.workdir, ".trash"))  # names of its own: runs share .trash
     try:
         _run(a)
     finally:
