@@ -73,8 +73,8 @@ class Scheduler:
         try:
             while True:
                 # Decide only as far ahead as the free slots need: the first command starts
-                # after a few decisions, not after all of them (10,000 ready tasks of a fan
-                # took ~0.3 s to decide), and the rest are decided while commands run. Skips
+                # after a few decisions, not after all of them (a fan's 10,000 ready tasks),
+                # and the rest are decided while commands run. Skips
                 # add nothing to runq, so a no-op still decides everything in one pass; after
                 # a failure (without keep_going) everything ready is decided, as before.
                 while ready and (len(runq) < self.slots or (self.failed and not self.keep_going)):

@@ -202,6 +202,37 @@ def test_scheduler_runs_exact_jobs_in_order_with_fake_executor(ws):
     assert fake.jobs[0].script.startswith("set -euo pipefail\n")
 
 
+def test_the_scheduler_decides_only_as_far_ahead_as_the_slots_need():
+    """Given 100 independent ready tasks and 2 slots, the first work item should run after
+    at most 2 decisions (not 100); every task is still decided and run once, in order.
+    Given the same tasks all up to date, all 100 are decided in one pass without the pool."""
+    from pipebuild.schedule import Scheduler
+
+    decided: list[int] = []
+    decided_when_first_ran: list[int] = []
+
+    def decide(i: int):
+        decided.append(i)
+
+        def work() -> bool:
+            if not decided_when_first_ran:
+                decided_when_first_ran.append(len(decided))
+            return True
+
+        return work
+
+    n = 100
+    sched = Scheduler([[] for _ in range(n)], [True] * n, jobs=2, slots=2)
+    sched.run(decide, lambda i, ok: ok)
+    assert decided_when_first_ran[0] <= 2
+    assert decided == list(range(n)) and sched.not_run == []
+
+    skipped: list[int] = []
+    sched = Scheduler([[] for _ in range(n)], [True] * n, jobs=2, slots=2)
+    sched.run(lambda i: skipped.append(i), lambda i, ok: ok)  # None: up to date
+    assert skipped == list(range(n)) and sched.not_run == []
+
+
 def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
     """Given x fails, with keep_going y still runs and z, z2 are reported as not run."""
     write(str(tmp_path / "src/a.txt"), "alpha\n")
