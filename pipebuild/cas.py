@@ -65,7 +65,7 @@ class ContentStore:
         if st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):
             # Another name shares this inode (or it is a link): store a private copy, so
             # marking the blob never touches a file outside the store.
-            fd, tmp = self._tmp_file(digest)
+            fd, tmp = self.tmp_file(digest[:8])
             try:
                 with open(src, "rb") as f, open(fd, "wb", closefd=False) as out:
                     shutil.copyfileobj(f, out)
@@ -79,11 +79,11 @@ class ContentStore:
         _mark(src)
         _install(src, self.path(digest))
 
-    def _tmp_file(self, digest: str) -> tuple[int, str]:
-        """A new file under a fresh temporary name (tasks running at once may store the same
+    def tmp_file(self, prefix: str) -> tuple[int, str]:
+        """A new file under tmp/ with a fresh name (tasks running at once may store the same
         digest), open for writing: (descriptor, path)."""
         while True:
-            tmp = f"{self.tmp}/{digest[:8]}.{next(_names)}"
+            tmp = f"{self.tmp}/{prefix}.{next(_names)}"
             try:
                 return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
             except FileExistsError:
@@ -107,7 +107,7 @@ class ContentStore:
         O_TRUNC would make ext4 write it out at close (its auto_da_alloc rule for files
         truncated to 0 bytes), ~50 us of CPU and a wait for the disk per blob."""
         self._dir_for(digest)
-        fd, tmp = self._tmp_file(digest)
+        fd, tmp = self.tmp_file(digest[:8])
         try:
             try:
                 if copy_and_hash(src, fd) != digest:

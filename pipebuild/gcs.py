@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import tempfile
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
@@ -133,8 +132,7 @@ class _HashingWriter:
 
 def download(url: str, cas: ContentStore, generation: int | None = None) -> tuple[str, int]:
     """Stream the object into the content store; returns (digest, size)."""
-    os.makedirs(cas.tmp, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cas.tmp, prefix="gs-")
+    fd, tmp = cas.tmp_file("gs")
     try:
         with os.fdopen(fd, "wb") as f:
             w = _HashingWriter(f)

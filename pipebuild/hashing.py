@@ -29,10 +29,10 @@ def hash_file(path: str) -> str:
     return _stream(path, None)
 
 
-def copy_and_hash(src: str, dst: str | int) -> str:
-    """Copy `src` to `dst` (a path, or a descriptor open for writing, left open) in 1 MiB
-    blocks and return the digest of the bytes copied."""
-    with open(dst, "wb", closefd=isinstance(dst, str)) as out:
+def copy_and_hash(src: str, fd: int) -> str:
+    """Copy `src` into `fd` (open for writing; left open) in 1 MiB blocks and return the
+    digest of the bytes copied."""
+    with open(fd, "wb", closefd=False) as out:
         return _stream(src, out.write)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -160,8 +159,7 @@ class RemoteCache:
             return None
         from . import gcs
 
-        os.makedirs(cas.tmp, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cas.tmp, prefix="remote-")
+        fd, tmp = cas.tmp_file("remote")
         try:
             with os.fdopen(fd, "wb") as f:
                 w = gcs._HashingWriter(f)

@@ -660,7 +660,8 @@ def test_hash_file_equals_xxh3_128_of_the_bytes(tmp_path, size):
     assert hash_file(str(path)) == xxhash.xxh3_128(data).hexdigest()
     from pipebuild.hashing import copy_and_hash
 
-    assert copy_and_hash(str(path), str(tmp_path / "copy")) == xxhash.xxh3_128(data).hexdigest()
+    with open(tmp_path / "copy", "wb") as copy:
+        assert copy_and_hash(str(path), copy.fileno()) == xxhash.xxh3_128(data).hexdigest()
     assert (tmp_path / "copy").read_bytes() == data
     if size > BLOCK:
         # A change in the last block changes the digest.
