@@ -117,9 +117,6 @@ def discard(path):
     """Move `path` (a file or directory) out of the way without freeing its inodes."""
     if not os.path.lexists(path):
         return
-    if TRASH is None:
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-        return
     _trashed[0] += 1
     os.rename(path, os.path.join(TRASH, f"{_trashed[0]}-{os.path.basename(path)}"))
 
