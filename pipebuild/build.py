@@ -18,6 +18,7 @@ import errno
 import gc as pygc
 import json
 import os
+import queue
 import shlex
 import shutil
 import stat
@@ -31,6 +32,7 @@ from . import noop
 from .cas import ContentStore, link_or_copy
 from .exceptions import BuildFailed, DefinitionError, MissingInputError, UsageError
 from .executors import STOPPED, Executor, Job, JobResult
+from .executors.local import LocalExecutor
 from .gcs import is_gs, stat_cache
 from .graph import Graph, Node, plan, resolve, show_path
 from .hashing import action_key, digest_str, hash_file, recipe
@@ -251,9 +253,13 @@ class _Build:
         # At most `jobs` commands run at once; preparing a task directory and publishing
         # and cleaning up after a command (~2.5 ms per task, mostly file system calls) run
         # outside this limit, beside other tasks' commands. A failure without -k sets
-        # `stopping` before the slot is released, so no command starts after it.
-        self.command_slots = threading.BoundedSemaphore(max(1, options.jobs))
+        # `stopping` before the slot is released, so no command starts after it. A slot is
+        # a token in a C-level queue (threading's semaphores are Python code over a Condition).
+        # Where the local executor keeps the limit itself (_limit_commands), there are twice
+        # as many tokens: `jobs` tasks in their command, `jobs` waiting to start in the executor.
+        self.command_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.stopping = False
+        self._limited: LocalExecutor | None = None
         self._spares: list[tuple[str, frozenset[str]]] = []  # emptied task directories and
         # their subdirectories, for reuse (see _reuse_dir)
         self._spare_count = 0
@@ -269,6 +275,8 @@ class _Build:
         self.store = Store(ws.db, warn=self.reporter.warning)
         try:
             self.images = _resolve_images(self.executor, self.graph, self.selected, ws.dir)
+            for _ in range(self._limit_commands()):
+                self.command_slots.put(None)
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
             traces = self.store.load_tasks(full=False)
@@ -311,6 +319,8 @@ class _Build:
                 self.result.reasons[name] = why
                 self.reporter.task(name, "not run", why)
         finally:
+            if self._limited is not None:
+                self._limited.limit(None)
             self._remove_spares()
             close = getattr(self.executor, "close", None)  # e.g. LocalExecutor's bash servers
             if close is not None:
@@ -325,6 +335,27 @@ class _Build:
         r.seconds = time.perf_counter() - t0
         self.reporter.summary(len(r.ran), len(r.restored), len(r.up_to_date), len(r.failed), len(r.not_run), r.seconds)
         return r
+
+    def _limit_commands(self) -> int:
+        """Let the local executor limit commands to -j, if it runs them all; returns how many
+        tasks may take a command slot at once (see command_slots)."""
+        jobs = max(1, self.options.jobs)
+        host = getattr(self.executor, "host", self.executor)  # DispatchExecutor's
+        if jobs == 1 or not isinstance(host, LocalExecutor):
+            return jobs
+        if any(n.image for n in self.nodes if self.selected[n.index]):
+            return jobs  # containers count against -j too, and they run elsewhere
+        host.limit(jobs, self._may_start, self._job_failed)
+        self._limited = host
+        return 2 * jobs
+
+    def _may_start(self, job: Job) -> bool:
+        return not self.stopping or job.always_run
+
+    def _job_failed(self, job: Job) -> bool:
+        if not self.options.keep_going:
+            self.stopping = True
+        return self.stopping
 
     def _digest_sources(self) -> dict[str, str]:
         src: dict[str, str] = {}
@@ -527,7 +558,8 @@ class _Build:
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
-        with self.command_slots:
+        self.command_slots.get()
+        try:
             if self.stopping and not node.always_run:
                 out.failure = TaskFailure(node.name, STOPPED)
                 return out
@@ -535,6 +567,8 @@ class _Build:
             reusable = self._run_command(node, workdir, out, staged, key)
             if out.failure is not None and not self.options.keep_going:
                 self.stopping = True
+        finally:
+            self.command_slots.put(None)
         if out.failure is None:
             try:
                 self._publish(node, out)
@@ -559,6 +593,18 @@ class _Build:
         t0 = time.perf_counter()
         opts = self.options
         task = node.task
+        collected = False
+
+        def after() -> bool:  # the local executor stores the outputs before the slot is free
+            nonlocal collected
+            collected = True
+            out.seconds = time.perf_counter() - t0
+            try:
+                self._collect(node, workdir, out)
+            except OSError as e:
+                out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
+            return out.failure is None  # (an output the command did not write is a failure too)
+
         job = Job(
             name=node.name,
             dir=workdir,
@@ -573,9 +619,14 @@ class _Build:
             memory=task._memory,
             storage=task._storage,
             key=key,
+            always_run=node.always_run,
+            after=after,
         )
         res: JobResult = self.executor.run(job)
-        out.seconds = time.perf_counter() - t0
+        if not collected:
+            out.seconds = time.perf_counter() - t0
+        if out.failure is not None:  # from after()
+            return False
         if res.exit_code != 0 or res.timed_out or res.error:
             if res.timed_out:
                 detail = f"timed out after {node.timeout:g} s"
@@ -585,10 +636,8 @@ class _Build:
                 detail = f"exit code {res.exit_code}"
             out.failure = TaskFailure(node.name, detail, show_path(job.stderr), _tail(job.stderr))
             return False
-        try:
-            self._collect(node, workdir, out)
-        except OSError as e:
-            out.failure = TaskFailure(node.name, f"cannot store outputs: {e}", show_path(job.stderr))
+        if not collected:
+            after()
         return not res.left_running
 
     def _prepare(self, node: Node, workdir: str, staged: list[tuple[str, str]]) -> list[tuple[str, int]]:

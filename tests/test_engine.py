@@ -486,6 +486,74 @@ def test_a_failure_without_keep_going_stops_tasks_still_running(tmp_path):
         db.close()
 
 
+@pytest.mark.parametrize(
+    ("ending", "detail"),
+    [("echo > {out}; exit 1", "exit code 1"), (": {out}", "the command did not write it")],
+    ids=["exit-1", "output-not-written"],
+)
+def test_tasks_waiting_for_a_command_slot_at_j2_do_not_start_after_a_failure(tmp_path, ending, detail):
+    """Given -j2, one slot busy with a sleeper and the other failing, we should start none of the tasks still waiting."""
+    marker = f"sleep 38.{os.getpid()}"
+    p = Pipeline()
+    slow = p.new_task("slow")
+    slow.command(f"{marker}; echo > {slow.ofile}")
+    bad = p.new_task("bad")
+    bad.command(f"sleep 0.5; date +%s%N > {tmp_path}/bad-ended; " + ending.format(out=bad.ofile))
+    tasks = [slow, bad]
+    for i in range(4):  # whichever of these gets a slot before slow and bad runs at once
+        t = p.new_task(f"q{i}")
+        t.command(f"date +%s%N > {tmp_path}/q{i}-started; echo > {t.ofile}")
+        tasks.append(t)
+    for t in tasks:
+        p.write_output(t.ofile, str(tmp_path / t.name))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert [f.name for f in r.failed] == ["bad"] and detail in r.failed[0].detail
+    assert "slow" in r.not_run and len(r.ran) + len(r.not_run) == 5
+    started = [int(read(tmp_path / f)) for f in os.listdir(tmp_path) if f.endswith("-started")]
+    assert all(t < int(read(tmp_path / "bad-ended")) for t in started)  # (a task started late is killed)
+    assert len(r.ran) < 4  # at least one task was still waiting when bad failed
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1
+
+
+def test_an_always_run_task_waiting_for_a_command_slot_at_j2_runs_after_a_failure(tmp_path):
+    """Given -j2, both slots busy (a sleeper, a task about to fail), we should start and finish the waiting always_run task."""
+    p = Pipeline()
+    first = p.new_task("first")  # makes `always` ready only once slow and bad have their slots
+    first.command(f"echo > {first.ofile}")
+    slow = p.new_task("slow")
+    slow.command(f"sleep 1.5; echo > {slow.ofile}")
+    bad = p.new_task("bad")
+    bad.command("sleep 0.4; exit 1")
+    always = p.new_task("always")
+    always.always_run()
+    always.depends_on(first)
+    always.command(f"sleep 0.2; echo hi > {always.ofile}")
+    for t in (slow, first, always):
+        p.write_output(t.ofile, str(tmp_path / t.name))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert [f.name for f in r.failed] == ["bad"]
+    assert "always" in r.ran, r.reasons
+    assert read(tmp_path / "always") == "hi\n"
+
+
+def test_tasks_waiting_for_a_command_slot_at_j2_run_after_a_failure_with_keep_going(tmp_path):
+    """Given -j2 -k and a failing task, we should run every independent task waiting for a slot."""
+    p = Pipeline()
+    bad = p.new_task("bad")
+    bad.command(f"sleep 0.3; echo > {bad.ofile}; exit 1")
+    tasks = [bad]
+    for i in range(5):
+        t = p.new_task(f"q{i}")
+        t.command(f"sleep 0.1; echo {i} > {t.ofile}")
+        tasks.append(t)
+    for t in tasks:
+        p.write_output(t.ofile, str(tmp_path / t.name))
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2, keep_going=True))
+    assert [f.name for f in r.failed] == ["bad"]
+    assert sorted(r.ran) == ["q0", "q1", "q2", "q3", "q4"]
+    assert read(tmp_path / "q4") == "4\n"
+
+
 def test_a_script_longer_than_one_argument_runs_from_a_file(tmp_path):
     """Given a command over Linux's 128 KiB argument cap, we should still run it (via a script file)."""
     p = Pipeline()

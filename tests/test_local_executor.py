@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from pipebuild.executors import Job
+from pipebuild.executors import STOPPED, Job, JobResult
 from pipebuild.executors.local import LocalExecutor, needs_own_bash, stop_orphans
 
 
@@ -199,3 +201,101 @@ def test_a_process_left_running_is_reported(tmp_path: Path) -> None:
     finally:
         ex.close()
         subprocess.run(["pkill", "-f", marker])
+
+
+def _wait_until(cond: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _one_running_then_waiting(
+    ex: LocalExecutor, pool: ThreadPoolExecutor, first: Job, *waiting: Job
+) -> list[Future[JobResult]]:
+    """Start `first`, and once it runs, the `waiting` jobs, which all wait for its place."""
+    futures = [pool.submit(ex.run, first)]
+    _wait_until(lambda: ex._procs)
+    futures += [pool.submit(ex.run, j) for j in waiting]
+    _wait_until(lambda: len(ex._waiters) == len(waiting))
+    return futures
+
+
+def test_a_limit_keeps_that_many_jobs_running_and_starts_each_next_one(tmp_path: Path) -> None:
+    # Given limit(2) and six jobs from six threads, at most two run at once, and all run.
+    ex = LocalExecutor()
+    ex.limit(2)
+    log = tmp_path / "log"
+    try:
+        jobs = [job(tmp_path, f"j{i}", f"echo s >> {log}; sleep 0.2; echo e >> {log}") for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ex.run, jobs))
+        assert [r.exit_code for r in results] == [0] * 6
+        running, most = 0, 0
+        for line in log.read_text().split():
+            running += 1 if line == "s" else -1
+            most = max(most, running)
+        assert most == 2
+        assert len(ex._shells) == 2  # each next job went to a server that was free
+    finally:
+        ex.close()
+
+
+def test_a_job_waiting_for_a_place_does_not_start_after_a_failure_stops_the_build(tmp_path: Path) -> None:
+    # Given limit(1) and a build that stops at the first failure, the jobs waiting when the
+    # running one fails do not start, except one that must run whatever happens.
+    ex = LocalExecutor()
+    stopped: list[str] = []
+    ex.limit(1, may_start=lambda j: not stopped or j.always_run, failed=lambda j: stopped.append(j.name))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            bad, queued, always = _one_running_then_waiting(
+                ex, pool, job(tmp_path, "bad", "sleep 0.5; exit 3"),
+                job(tmp_path, "queued", f"touch {tmp_path}/queued-ran"),
+                job(tmp_path, "always", f"touch {tmp_path}/always-ran", always_run=True),
+            )  # fmt: skip
+            assert bad.result().exit_code == 3
+            assert queued.result().error == STOPPED
+            assert always.result().exit_code == 0
+        assert stopped == ["bad"]
+        assert not (tmp_path / "queued-ran").exists()
+        assert (tmp_path / "always-ran").exists()
+        ex.limit(None)  # the limit lifted, the build's hooks forgotten
+        assert ex.run(job(tmp_path, "later", "true")).exit_code == 0
+    finally:
+        ex.close()
+
+
+def test_a_failure_hands_the_place_on_when_the_build_keeps_going(tmp_path: Path) -> None:
+    # Given limit(1) and -k (may_start always true), the job waiting behind a failure runs.
+    ex = LocalExecutor()
+    ex.limit(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            bad, nxt = _one_running_then_waiting(
+                ex, pool, job(tmp_path, "bad", "sleep 0.3; exit 3"), job(tmp_path, "next", "echo ran")
+            )
+            assert bad.result().exit_code == 3
+            assert (nxt.result().exit_code, nxt.result().error) == (0, None)
+        assert (tmp_path / "next.out").read_text() == "ran\n"
+    finally:
+        ex.close()
+
+
+def test_a_waiting_job_that_cannot_be_sent_fails_alone_and_frees_its_place(tmp_path: Path) -> None:
+    # Given limit(1) and a waiting job whose request cannot be encoded, that job fails with
+    # an error, the one before it succeeds, and the place is free for the next job.
+    ex = LocalExecutor()
+    ex.limit(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first, odd = _one_running_then_waiting(
+                ex, pool, job(tmp_path, "first", "sleep 0.3"), job(tmp_path, "odd", "echo \ud800")
+            )
+            assert first.result(timeout=10).exit_code == 0
+            r = odd.result(timeout=10)
+            assert r.exit_code == 127 and r.error and "cannot start bash" in r.error
+        assert ex.run(job(tmp_path, "next", "true")).exit_code == 0
+        assert ex._places == 0
+    finally:
+        ex.close()

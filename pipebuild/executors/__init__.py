@@ -26,6 +26,10 @@ class Job:
     memory: str | float | None = None
     storage: str | float | None = None
     key: str | None = None  # the action key
+    always_run: bool = False  # starts even after a failure has stopped the build
+    # Called (by an executor that can) right after the command exits 0, on the thread that
+    # called run, before another job may take its place; False makes the job a failure.
+    after: Callable[[], bool] | None = None
 
 
 STOPPED = "stopped"

@@ -22,6 +22,7 @@ status. Servers see EOF and exit when pipebuild exits; `close` stops them sooner
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import select
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from . import STOPPED, Job, JobResult, long_script_file
 
@@ -111,6 +113,11 @@ class _Shell:
 
     def start(self, job: Job, how: str) -> int:
         """Fork the job's shell (`how`: see _LOOP); returns its pid (also its process group)."""
+        self.send(job, how)
+        return int(self.line(None))
+
+    def send(self, job: Job, how: str) -> None:
+        """Write the job's request and tell the server to start it; its pid is the next line."""
         fields = [job.dir, job.stdout, job.stderr, how, str(len(job.env))]
         fields += [f"{k}={v}" for k, v in job.env.items()]
         fields.append(job.script)
@@ -126,7 +133,6 @@ class _Shell:
             self.proc.stdin.write(b"\n")
         except OSError:
             raise _ShellExited from None
-        return int(self.line(None))
 
     def line(self, deadline: float | None) -> bytes:
         """The next line from the server; TimeoutError at `deadline` (time.monotonic())."""
@@ -165,11 +171,36 @@ class _Shell:
                 pass
 
 
+class _Waiter:
+    """A job waiting for a server while `limit` jobs run; the thread of the job that ends
+    next hands it one (see LocalExecutor._hand_on)."""
+
+    __slots__ = ("job", "how", "ready", "shell", "started", "refused", "late")
+
+    def __init__(self, job: Job, how: str) -> None:
+        self.job, self.how = job, how
+        self.ready = threading.Lock()  # released when the waiter has its answer
+        self.ready.acquire()
+        self.shell: _Shell | None = None  # None: start a server of its own
+        self.started = False  # the job was sent to `shell`; its pid is the next line
+        self.refused = False  # a failure stopped the build (or Ctrl-C) while it waited
+        self.late = False  # allowed to start after the build stopped (always_run): not stopped
+
+
 class LocalExecutor:
-    """Runs each job as a bash shell in its task directory (see the module docstring)."""
+    """Runs each job as a bash shell in its task directory (see the module docstring).
+
+    `limit(jobs, ...)` makes it keep at most `jobs` jobs running, with the next jobs
+    waiting here rather than in the build: the thread that reads one job's exit status
+    starts the next job on the same server at once. Waking another thread to do that
+    cost ~0.3 ms per job in which the server sat idle (thread wake-up and the GIL), ~1.2 s
+    of a 10,000-task fan at -j2.
+    """
 
     def __init__(self) -> None:
-        self._procs: dict[int, None] = {}  # pids (= process groups) of the jobs running now
+        # pids (= process groups) of the jobs running now: True for one started after the
+        # build stopped (an always_run task), which stop_running leaves running
+        self._procs: dict[int, bool] = {}
         self._lock = threading.Lock()
         self._cancelled = False
         self._stopped: set[int] = set()
@@ -177,6 +208,31 @@ class LocalExecutor:
         self._idle: dict[str, list[_Shell]] = {}  # by the directory holding the task directories
         self._shells: list[_Shell] = []
         self._made = 0
+        self._limit: int | None = None  # see limit()
+        self._may_start: Callable[[Job], bool] = lambda job: True
+        self._failed: Callable[[Job], bool] = lambda job: False
+        self._halted = False  # the build stopped (a failure, stop_running): see _Waiter.late
+        self._places = 0  # jobs holding one of the `limit` places (running or starting)
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def limit(
+        self,
+        jobs: int | None,
+        may_start: Callable[[Job], bool] = lambda job: True,
+        failed: Callable[[Job], bool] = lambda job: False,
+    ) -> None:
+        """Run at most `jobs` jobs at once (None: no limit, the caller limits).
+
+        `failed(job)` is called, before any waiting job is looked at, when a job exits
+        non-zero or times out, and says whether the build stops; `may_start(job)` is asked
+        before a job starts. Together they let a build that stops at the first failure
+        start no command after it but those that must run anyway, which stop_running
+        then leaves alone.
+        """
+        with self._lock:
+            self._limit = jobs
+            self._may_start, self._failed = may_start, failed
+            self._halted = False
 
     def _shell(self, tasks_dir: str) -> _Shell:
         with self._lock:
@@ -190,9 +246,54 @@ class LocalExecutor:
             self._shells.append(shell)
         return shell
 
-    def _release(self, tasks_dir: str, shell: _Shell) -> None:
+    def _acquire(self, job: Job, how: str) -> _Waiter:
+        """Take one of the `limit` places, waiting for it if all are taken. The answer says
+        which server to use (if any) and whether the job was started on it already."""
+        w = _Waiter(job, how)
         with self._lock:
-            self._idle.setdefault(tasks_dir, []).append(shell)
+            if self._limit is None or self._places < self._limit:
+                self._places += 1
+                if self._cancelled or not self._may_start(job):
+                    self._places -= 1
+                    w.refused = True
+                else:
+                    idle = self._idle.get(os.path.dirname(job.dir))
+                    w.shell = idle.pop() if idle else None
+                    w.late = self._halted
+                return w
+            self._waiters.append(w)
+        w.ready.acquire()
+        return w
+
+    def _hand_on(self, shell: _Shell | None, job: Job, failed: bool) -> None:
+        """Give up a place (and `shell`, if still usable) after `job`: to a waiting job,
+        started on `shell` here and now if it may start, or else to the idle servers."""
+        if failed and self._failed(job):  # first: the build stops, and nothing waiting starts
+            with self._lock:
+                self._halted = True
+        while True:
+            with self._lock:
+                if not self._waiters:
+                    self._places -= 1
+                    if shell is not None:
+                        self._idle.setdefault(os.path.dirname(shell.request), []).append(shell)
+                    return
+                w = self._waiters.popleft()
+                w.refused = self._cancelled or not self._may_start(w.job)
+                w.late = self._halted
+            try:
+                if w.refused:  # the place stays free for the next waiter
+                    continue
+                if shell is not None and os.path.dirname(shell.request) == os.path.dirname(w.job.dir):
+                    try:
+                        shell.send(w.job, w.how)
+                        w.started = True
+                    except Exception:  # noqa: BLE001 - the waiter's thread tries again, and reports it
+                        pass
+                w.shell = shell
+                return
+            finally:
+                w.ready.release()
 
     def run(self, job: Job) -> JobResult:
         """Run the job; kill its process group when it exceeds its timeout."""
@@ -212,23 +313,29 @@ class LocalExecutor:
                 os.unlink(script_file)
 
     def _run(self, job: Job, tasks_dir: str, gen: int, how: str) -> JobResult:
+        w = self._acquire(job, how)
+        if w.refused:
+            return JobResult(130, error="interrupted") if self._cancelled else JobResult(1, error=STOPPED)
+        shell, started = w.shell, w.started
         error: BaseException | None = None
         for _ in range(2):  # a server found dead (killed while idle) is replaced once
             try:
-                shell = self._shell(tasks_dir)
-            except OSError as e:
-                return JobResult(127, error=f"cannot start bash: {e}")
-            try:
-                pid = shell.start(job, how)
+                if shell is None or os.path.dirname(shell.request) != tasks_dir:
+                    if shell is not None:  # another build's; this job needs one beside its directory
+                        shell.close()
+                    shell, started = self._shell(tasks_dir), False
+                pid = int(shell.line(None)) if started else shell.start(job, how)
                 break
             except (_ShellExited, ValueError, OSError) as e:
-                shell.close()
-                error = e
+                if shell is not None:
+                    shell.close()
+                shell, started, error = None, False, e
         else:
+            self._hand_on(None, job, True)
             return JobResult(127, error=f"cannot start bash: {str(error) or 'the shell exited'}")
         with self._lock:
-            self._procs[pid] = None
-            if self._cancelled or gen != self._stop_gen:  # stopped while this job was starting
+            self._procs[pid] = w.late
+            if self._cancelled or (gen != self._stop_gen and not w.late):  # stopped while starting
                 self._stopped.add(pid)
                 _killpg(pid)
         # If pipebuild itself is killed (-9), the next build finds the server's pidfile and
@@ -242,14 +349,26 @@ class LocalExecutor:
                 _killpg(pid)
                 code = int(shell.line(None))
                 timed_out = True
-            self._release(tasks_dir, shell)
-        except (_ShellExited, ValueError):
-            shell.close()
-            _killpg(pid)
-            return JobResult(127, error="the bash running the task exited")
-        finally:
+        except BaseException as e:
             with self._lock:
                 self._procs.pop(pid, None)
+            shell.close()
+            _killpg(pid)
+            self._hand_on(None, job, True)
+            if isinstance(e, (_ShellExited, ValueError)):
+                return JobResult(127, error="the bash running the task exited")
+            raise
+        with self._lock:
+            self._procs.pop(pid, None)
+        failed = code != 0 or timed_out
+        try:
+            if not failed and job.after is not None:  # e.g. store the outputs: a failure there
+                failed = not job.after()  # must stop the build before the next job starts
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._hand_on(shell, job, failed)
         left_running = _group_alive(pid)  # e.g. `cmd &` not waited for
         if self._cancelled and code != 0:
             return JobResult(code, error="interrupted", left_running=left_running)
@@ -267,10 +386,12 @@ class LocalExecutor:
             shell.close()
 
     def stop_running(self) -> None:
-        """Kill the jobs running now; later jobs still start."""
+        """Kill the jobs running now, but those started after the build stopped (always_run
+        tasks, see limit); later jobs still start."""
         with self._lock:
             self._stop_gen += 1
-            pids = list(self._procs)
+            self._halted = self._limit is not None  # (a limit lasts one build)
+            pids = [pid for pid, late in self._procs.items() if not late]
             self._stopped.update(pids)
         for pid in pids:
             _killpg(pid)
