@@ -563,7 +563,8 @@ class _Build:
             if self.stopping and not node.always_run:
                 out.failure = TaskFailure(node.name, STOPPED)
                 return out
-            self.reporter.started(node.name)  # worker thread: the live display lists running tasks
+            if self._limited is None:  # (else the executor says when the command starts)
+                self.reporter.started(node.name)  # worker thread: the live display lists running tasks
             reusable = self._run_command(node, workdir, out, staged, key)
             if out.failure is not None and not self.options.keep_going:
                 self.stopping = True
@@ -621,6 +622,7 @@ class _Build:
             key=key,
             always_run=node.always_run,
             after=after,
+            on_start=partial(self.reporter.started, node.name) if self._limited is not None else None,
         )
         res: JobResult = self.executor.run(job)
         if not collected:

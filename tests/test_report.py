@@ -346,3 +346,36 @@ def test_no_op_build_off_a_terminal_does_not_import_rich_or_watchdog(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "pipebuild: 0 ran, 0 restored, 3 up to date" in proc.stdout
     assert "LAZY []" in proc.stdout, proc.stdout
+
+
+def test_at_j2_the_reporter_hears_started_only_for_commands_that_ran(workdir):
+    """Given -j2, a sleeper and a failing task in the slots and tasks waiting for them, only tasks whose command ran should be `started`."""
+    (workdir / "Pipefile.py").write_text(
+        "from pipebuild import Pipeline\n"
+        "p = Pipeline()\n"
+        "slow = p.new_task('slow')\n"
+        "slow.command(f'sleep 1.5; echo > {slow.ofile}')\n"
+        "bad = p.new_task('bad')\n"
+        "bad.command(f'sleep 0.4; echo > {bad.ofile}; exit 1')\n"
+        "tasks = [slow, bad]\n"
+        "for i in range(4):\n"
+        "    t = p.new_task(f'q{i}')\n"
+        "    t.command(f'echo {i} > {t.ofile}')\n"
+        "    tasks.append(t)\n"
+        "for t in tasks:\n"
+        "    p.write_output(t.ofile, f'out/{t.name}.txt')\n"
+    )
+
+    class Recorder(Reporter):
+        def __init__(self) -> None:
+            super().__init__(out=io.StringIO(), err=io.StringIO())
+            self.started_names: list[str] = []
+
+        def started(self, name: str) -> None:
+            self.started_names.append(name)
+
+    r = Recorder()
+    result = build.build(load(str(workdir / "Pipefile.py")), build.Options(workspace=str(workdir), jobs=2, reporter=r))
+    assert [f.name for f in result.failed] == ["bad"] and "slow" in result.not_run
+    assert len(result.ran) < 4  # some tasks were still waiting for a slot when bad failed
+    assert sorted(r.started_names) == sorted(["slow", "bad", *result.ran])

@@ -30,6 +30,7 @@ class Job:
     # Called (by an executor that can) right after the command exits 0, on the thread that
     # called run, before another job may take its place; False makes the job a failure.
     after: Callable[[], bool] | None = None
+    on_start: Callable[[], None] | None = None  # called, by an executor that can, once it runs
 
 
 STOPPED = "stopped"

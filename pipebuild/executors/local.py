@@ -338,6 +338,8 @@ class LocalExecutor:
             if self._cancelled or (gen != self._stop_gen and not w.late):  # stopped while starting
                 self._stopped.add(pid)
                 _killpg(pid)
+        if job.on_start is not None:
+            job.on_start()
         # If pipebuild itself is killed (-9), the next build finds the server's pidfile and
         # stops the orphaned task before it reuses its directory (build.Workspace.recover).
         try:
