@@ -95,6 +95,7 @@ class _Shell:
     def __init__(self, tasks_dir: str, n: int) -> None:
         # Beside the task directories, so a build killed with -9 leaves nothing elsewhere:
         # the next build's Workspace.recover removes them with the rest of tmp/.
+        self.tasks_dir = tasks_dir
         self.request = os.path.join(tasks_dir, f".shell{n}.req")
         self.pidfile = os.path.join(tasks_dir, f".shell{n}.pid")
         env = dict(os.environ)
@@ -181,7 +182,7 @@ class _Waiter:
         self.job, self.how = job, how
         self.ready = threading.Lock()  # released when the waiter has its answer
         self.ready.acquire()
-        self.shell: _Shell | None = None  # None: start a server of its own
+        self.shell: _Shell | None = None  # None: take an idle server or start one
         self.started = False  # the job was sent to `shell`; its pid is the next line
         self.refused = False  # a failure stopped the build (or Ctrl-C) while it waited
         self.late = False  # allowed to start after the build stopped (always_run): not stopped
@@ -251,16 +252,13 @@ class LocalExecutor:
         which server to use (if any) and whether the job was started on it already."""
         w = _Waiter(job, how)
         with self._lock:
+            if self._cancelled or not self._may_start(job):
+                w.refused = True
+                return w
             if self._limit is None or self._places < self._limit:
                 self._places += 1
-                if self._cancelled or not self._may_start(job):
-                    self._places -= 1
-                    w.refused = True
-                else:
-                    idle = self._idle.get(os.path.dirname(job.dir))
-                    w.shell = idle.pop() if idle else None
-                    w.late = self._halted
-                return w
+                w.late = self._halted
+                return w  # (no shell: _run takes an idle one or starts one)
             self._waiters.append(w)
         w.ready.acquire()
         return w
@@ -276,7 +274,7 @@ class LocalExecutor:
                 if not self._waiters:
                     self._places -= 1
                     if shell is not None:
-                        self._idle.setdefault(os.path.dirname(shell.request), []).append(shell)
+                        self._idle.setdefault(shell.tasks_dir, []).append(shell)
                     return
                 w = self._waiters.popleft()
                 w.refused = self._cancelled or not self._may_start(w.job)
@@ -284,7 +282,7 @@ class LocalExecutor:
             try:
                 if w.refused:  # the place stays free for the next waiter
                     continue
-                if shell is not None and os.path.dirname(shell.request) == os.path.dirname(w.job.dir):
+                if shell is not None and shell.tasks_dir == os.path.dirname(w.job.dir):
                     try:
                         shell.send(w.job, w.how)
                         w.started = True
@@ -320,7 +318,7 @@ class LocalExecutor:
         error: BaseException | None = None
         for _ in range(2):  # a server found dead (killed while idle) is replaced once
             try:
-                if shell is None or os.path.dirname(shell.request) != tasks_dir:
+                if shell is None or shell.tasks_dir != tasks_dir:
                     if shell is not None:  # another build's; this job needs one beside its directory
                         shell.close()
                     shell, started = self._shell(tasks_dir), False
