@@ -8,6 +8,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from .exceptions import UsageError, WorkspaceBusy
+from .spares import Spare, adopt
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -25,6 +26,8 @@ class Workspace:
         self.db = os.path.join(state_dir, "cache.sqlite")
         self.cas = os.path.join(state_dir, "cas")
         self.tmp = os.path.join(state_dir, "tmp")
+        self.spares = os.path.join(state_dir, "spares")  # emptied task directories (spares.py)
+        self.kept_spares: list[Spare] = []  # those the last build left, adopted by recover
         self.logs = os.path.join(state_dir, "logs")
         self.dirty = os.path.join(state_dir, "building")
         self._lock_fd: int | None = None
@@ -61,18 +64,22 @@ class Workspace:
             self._lock_fd = None
 
     def recover(self, graph: Graph) -> None:
-        """Remove what an interrupted build left: task directories and temp outputs."""
+        """Remove what an interrupted build left: task directories and temp outputs.
+        Spare task directories are kept if the last build ended (it listed them)."""
+        ended = not os.path.exists(self.dirty)
         if os.path.exists(self.tmp):
             from .executors.local import stop_orphans
 
             stop_orphans(self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self.kept_spares = adopt(self.spares, trusted=ended)
         cas_tmp = os.path.join(self.cas, "tmp")
         if os.path.exists(cas_tmp):
             shutil.rmtree(cas_tmp, ignore_errors=True)
         if os.path.exists(self.dirty):
             self.remove_temps(graph)
         os.makedirs(self.tmp, exist_ok=True)
+        os.makedirs(self.spares, exist_ok=True)
         os.makedirs(self.logs, exist_ok=True)
         with open(self.dirty, "w"):
             pass
