@@ -25,7 +25,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -49,6 +49,18 @@ from .store import Store, TaskRecord
 from .workspace import STATE_DIR, Workspace, tmp_name, unlink_quiet
 
 STDERR_TAIL = 10
+MAKE_AHEAD = 64  # a task with this many input directories has its directory made ahead (spares.py)
+
+
+def _subdirs(relpaths: Iterable[str]) -> set[str]:
+    """The directories a new task directory has: out/, and in/ (in/1/ ...) for its inputs."""
+    dirs = {"out"}
+    for relpath in relpaths:
+        d = os.path.dirname(relpath)
+        while d and d not in dirs:
+            dirs.add(d)
+            d = os.path.dirname(d)
+    return dirs
 
 
 @dataclass
@@ -281,6 +293,16 @@ class _Build:
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
             traces = self.store.load_tasks(full=False)
+            if opts.delete_scratch:  # directories for wide tasks that have not run before
+                self.spares.make_ahead(
+                    [
+                        dirs
+                        for node in self.nodes
+                        if self.selected[node.index] and len(node.inputs) >= MAKE_AHEAD and node.name not in traces
+                        for dirs in [frozenset(_subdirs(i.relpath for i in node.inputs))]
+                        if len(dirs) >= MAKE_AHEAD
+                    ]
+                )
             self.src = self._digest_sources()
             self._copy_inputs()
             forced = _forced(self.graph, self.selected, opts)
@@ -672,13 +694,7 @@ class _Build:
                 digest = d
             staged.append((inp.relpath, digest))
             links.append((src, inp.relpath))
-        # The directories a new task directory has: out/, and in/ (in/1/ ...) for its inputs.
-        dirs = {"out"}
-        for _, relpath in links:
-            d = os.path.dirname(relpath)
-            while d and d not in dirs:
-                dirs.add(d)
-                d = os.path.dirname(d)
+        dirs = _subdirs(relpath for _, relpath in links)
         if not self.spares.take(workdir, dirs):
             try:
                 os.mkdir(workdir)  # the common case, in one call (makedirs stats each level)
@@ -696,13 +712,9 @@ class _Build:
     def _finish_dir(self, node: Node, workdir: str) -> None:
         """After a success: empty the task directory and keep it as a spare, else delete it."""
         try:
-            dirs = {"out"}
             for inp in node.inputs:
                 os.unlink(os.path.join(workdir, inp.relpath))
-                d = os.path.dirname(inp.relpath)
-                while d and d not in dirs:
-                    dirs.add(d)
-                    d = os.path.dirname(d)
+            dirs = _subdirs(inp.relpath for inp in node.inputs)
             # Only the (empty) directories _prepare made may be left: anything the command
             # wrote elsewhere sends the directory to rmtree.
             children: dict[str, set[str]] = {"": set()}

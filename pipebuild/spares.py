@@ -73,6 +73,41 @@ class Spares:
         self._adopted = {path for path, _ in adopted}  # not yet looked at
         self._lock = threading.Lock()
         self._count = max((int(os.path.basename(p)) for p, _ in adopted), default=0)
+        self._ahead: threading.Thread | None = None
+        self._stop = False
+
+    def make_ahead(self, layouts: list[frozenset[str]]) -> None:
+        """Make spares with these subdirectories, on a thread of their own, for tasks that
+        will need them later (a gather of 10,000 files all called `ofile` needs 10,000:
+        ~0.5 s of mkdir on ext4, which the build otherwise spends with both cores idle,
+        between the last task before the gather and the gather). A layout that a spare in
+        the pool has already is skipped."""
+        if layouts:
+            self._ahead = threading.Thread(target=self._make, args=(layouts,), name="pipebuild_spares", daemon=True)
+            self._ahead.start()
+
+    def _make(self, layouts: list[frozenset[str]]) -> None:
+        for dirs in layouts:
+            with self._lock:
+                if self._stop or any(has == dirs for _, has in self._pool):
+                    continue
+                self._count += 1
+                path = os.path.join(self.dir, str(self._count))
+            made: list[str] = []  # parents first, so what is made is a layout of its own
+            try:
+                os.mkdir(path)
+            except OSError:
+                continue
+            try:
+                for d in sorted(dirs, key=len):
+                    if self._stop:
+                        break
+                    os.mkdir(os.path.join(path, d))
+                    made.append(d)
+            except OSError:
+                pass
+            with self._lock:
+                self._pool.append((path, frozenset(made)))
 
     def take(self, workdir: str, dirs: set[str]) -> bool:
         """Rename the best spare to `workdir` and give it exactly the subdirectories `dirs`.
@@ -123,10 +158,17 @@ class Spares:
             self._pool.append((path, dirs))
 
     def close(self) -> None:
-        """List the spares for the next build, removing the oldest beyond `keep`."""
+        """List the spares for the next build. Beyond `keep`, those with the fewest
+        subdirectories (the cheapest to make again), oldest first, are removed."""
+        self._stop = True
+        if self._ahead is not None:
+            self._ahead.join()
         with self._lock:
             pool, self._pool = self._pool, []
-        extra, pool = pool[: max(len(pool) - self.keep, 0)], pool[max(len(pool) - self.keep, 0) :]
+        order = sorted(range(len(pool)), key=lambda i: len(pool[i][1]))  # (stable: oldest first)
+        drop = set(order[: max(len(pool) - self.keep, 0)])
+        extra = [pool[i] for i in sorted(drop)]
+        pool = [spare for i, spare in enumerate(pool) if i not in drop]
         for path, dirs in extra:
             try:  # only empty directories: rmdir them, deepest first
                 for d in sorted(dirs, key=len, reverse=True):

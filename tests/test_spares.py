@@ -12,12 +12,12 @@ from pipebuild.spares import MANIFEST, Spares, adopt
 from pipebuild.workspace import Workspace
 
 
-def gather(root: str) -> Pipeline:
-    """Three tasks that each write `ofile`, and a gather of the three that reports the inode
-    numbers of its directory and of in/1/ on stderr."""
+def gather(root: str, n: int = 3) -> Pipeline:
+    """`n` tasks that each write `ofile`, and a gather of them into all.txt that reports
+    the inode numbers of its directory and of in/1/ on stderr."""
     p = Pipeline(name="gather")
     parts = []
-    for i in range(3):
+    for i in range(n):
         t = p.new_task(name=f"part{i}")
         t.command(f"echo {i} > {t.ofile}")
         parts.append(t.ofile)
@@ -28,8 +28,7 @@ def gather(root: str) -> Pipeline:
 
 
 def manifest(root) -> list:
-    with open(os.path.join(root, ".pipebuild/spares", MANIFEST)) as f:
-        return json.load(f)
+    return manifest_at(os.path.join(root, ".pipebuild/spares"))
 
 
 def test_a_gather_run_again_in_the_next_build_gets_its_directory_back(tmp_path):
@@ -47,6 +46,27 @@ def test_a_gather_run_again_in_the_next_build_gets_its_directory_back(tmp_path):
     assert r.ran == ["gather"], r.ran
     assert (tmp_path / ".pipebuild/logs/gather.err").read_text().split() == first
     assert (tmp_path / "all.txt").read_text() == "0\n1\n2\n"
+
+
+def test_a_wide_gather_that_never_ran_finds_its_directory_made(tmp_path, monkeypatch):
+    """Given a clean build of a gather of 70 files all called ofile, the gather's task
+    directory and its 71 subdirectories should have been made ahead (as a spare) while
+    the 70 tasks ran: no mkdir under tmp/gather/ itself."""
+    p = gather(str(tmp_path), 70)
+    made: list[str] = []
+    mkdir = os.mkdir
+
+    def counting_mkdir(path, *args, **kwargs):
+        made.append(str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", counting_mkdir)
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1))
+    assert r.ok and len(r.ran) == 71
+    assert (tmp_path / "all.txt").read_text() == "".join(f"{i}\n" for i in range(70))
+    gather_dir = str(tmp_path / ".pipebuild/tmp/gather")
+    assert [m for m in made if m == gather_dir or m.startswith(gather_dir + "/")] == []
+    assert sum(m.startswith(str(tmp_path / ".pipebuild/spares/")) for m in made) >= 72
 
 
 def test_spares_of_a_build_that_did_not_end_are_removed(tmp_path):
@@ -111,23 +131,64 @@ def test_a_task_takes_the_spare_closest_to_what_it_needs(tmp_path):
     assert sorted(os.listdir(tmp_path / "work3/in"), key=int) == [str(k) for k in range(1, 50)]
 
 
-def test_the_next_build_adopts_at_most_keep_spares_newest_first(tmp_path):
+def test_a_layout_made_ahead_is_the_spare_its_task_takes(tmp_path):
+    """Given a layout of 100 subdirectories made ahead, a task needing it should take that
+    spare as it is; closing the pool while a layout is being made should stop the thread
+    and list only what was made, parents before children."""
+    layout = frozenset({"in", "out"} | {f"in/{k}" for k in range(1, 99)})
+    pool = Spares(str(tmp_path / "spares"), [], keep=4)
+    (tmp_path / "spares").mkdir()
+    pool.make_ahead([layout])
+    assert pool._ahead is not None
+    pool._ahead.join()
+    [(path, has)] = pool._pool
+    assert has == layout
+    ino = os.stat(os.path.join(path, "in/98")).st_ino
+    work = tmp_path / "gather"
+    assert pool.take(str(work), set(layout))
+    assert os.stat(work / "in/98").st_ino == ino and pool._pool == []
+
+    huge = frozenset({"in", "out"} | {f"in/{k}" for k in range(1, 20000)})
+    pool = Spares(str(tmp_path / "spares"), [], keep=4)
+    pool.make_ahead([huge])
+    pool.close()
+    [[name, listed]] = manifest_at(tmp_path / "spares")
+    assert set(listed) < huge and ("in" in listed or listed == [])  # stopped part of the way
+    assert all(os.path.dirname(d) in ("", *listed) for d in listed)
+    assert sorted(_walk(tmp_path / "spares" / name)) == sorted(listed)
+
+
+def manifest_at(d) -> list:
+    with open(os.path.join(d, MANIFEST)) as f:
+        return json.load(f)
+
+
+def _walk(root) -> list[str]:
+    return [os.path.relpath(os.path.join(dp, d), root) for dp, dns, _ in os.walk(root) for d in dns]
+
+
+def test_the_next_build_adopts_at_most_keep_spares_smallest_and_oldest_dropped(tmp_path):
     """Given five spares returned to a pool that keeps three, closing it should remove the
-    two oldest and list the rest; adopting should return those three and remove anything
-    else in the directory."""
+    two oldest of the smallest and list the rest (a large one stays however old); adopting
+    should return those three and remove anything else in the directory."""
     d = tmp_path / "spares"
     d.mkdir()
     pool = Spares(str(d), [], keep=3)
     for i in range(5):
         work = tmp_path / f"t{i}"
         (work / "in").mkdir(parents=True)
-        pool.give(str(work), frozenset({"in"}))
+        dirs = {"in"}
+        if i == 0:
+            for k in range(1, 5):
+                (work / f"in/{k}").mkdir()
+            dirs |= {f"in/{k}" for k in range(1, 5)}
+        pool.give(str(work), frozenset(dirs))
     pool.close()
-    assert sorted(os.listdir(d), key=str) == ["3", "4", "5", MANIFEST]
+    assert sorted(os.listdir(d), key=str) == ["1", "4", "5", MANIFEST]
     (d / "junk").mkdir()
     kept = adopt(str(d), trusted=True)
-    assert sorted(os.path.basename(p) for p, _ in kept) == ["3", "4", "5"]
-    assert sorted(os.listdir(d)) == ["3", "4", "5"]  # the manifest is read once
+    assert sorted(os.path.basename(p) for p, _ in kept) == ["1", "4", "5"]
+    assert sorted(os.listdir(d)) == ["1", "4", "5"]  # the manifest is read once
     assert Spares(str(d), kept, keep=3).take(str(tmp_path / "w"), {"in"})
     assert adopt(str(d), trusted=True) == []  # no manifest: nothing is trusted
     assert os.listdir(d) == []
