@@ -714,16 +714,9 @@ class _Build:
         try:
             for inp in node.inputs:
                 os.unlink(os.path.join(workdir, inp.relpath))
-            dirs = _subdirs(inp.relpath for inp in node.inputs)
-            # Only the (empty) directories _prepare made may be left: anything the command
-            # wrote elsewhere sends the directory to rmtree.
-            children: dict[str, set[str]] = {"": set()}
-            for d in dirs:
-                head, tail = os.path.split(d)
-                children.setdefault(head, set()).add(tail)
-                children.setdefault(d, set())
-            if all(set(os.listdir(os.path.join(workdir, d))) == names for d, names in children.items()):
-                self.spares.give(workdir, frozenset(dirs))
+            # Only the (empty) directories _prepare made may be left, as it made them: anything
+            # the command wrote, or a chmod of its directory, sends the directory to rmtree.
+            if self.spares.give_if_new(workdir, _subdirs(inp.relpath for inp in node.inputs)):
                 return
         except OSError:
             pass

@@ -15,6 +15,9 @@ gather of 10,000 files all called `ofile` lays them out as `in/ofile`, `in/1/ofi
 next build's files slow to create; kept, the next run of the gather makes none.
 
 Spares live beside `tmp/`, not in it, so no task's directory name can clash with one.
+A directory is only kept if it and each subdirectory is as `mkdir` makes one now: a
+directory (not a symlink), owned by this user, with the mode the umask gives. A task's
+`chmod` of its directory, or a build under another umask, must not reach a later task.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import threading
 
 MANIFEST = "manifest.json"
@@ -39,7 +43,12 @@ def adopt(spares_dir: str, trusted: bool) -> list[Spare]:
             with open(os.path.join(spares_dir, MANIFEST)) as f:
                 listed = json.load(f)
             for name, dirs in listed:
-                if isinstance(name, str) and name.isdigit() and all(isinstance(d, str) for d in dirs):
+                if (
+                    isinstance(name, str)
+                    and name.isascii()
+                    and name.isdigit()
+                    and all(isinstance(d, str) for d in dirs)
+                ):
                     kept.append((os.path.join(spares_dir, name), frozenset(dirs)))
         except (OSError, ValueError, TypeError):
             kept = []
@@ -68,6 +77,16 @@ class Spares:
 
     def __init__(self, spares_dir: str, adopted: list[Spare], keep: int) -> None:
         self.dir = spares_dir
+        # What a new directory looks like (read here, on the build's thread: reading the
+        # umask means setting it): 0o777 less the umask, and the setgid bit of its parent.
+        mask = os.umask(0o022)
+        os.umask(mask)
+        self.mode = 0o777 & ~mask
+        try:
+            self.mode |= os.stat(spares_dir).st_mode & stat.S_ISGID
+        except OSError:
+            pass
+        self.uid = os.geteuid()
         self.keep = keep  # at most this many are left for the next build
         self._pool = list(adopted)
         self._adopted = {path for path, _ in adopted}  # not yet looked at
@@ -131,7 +150,7 @@ class Spares:
             adopted = path in self._adopted
             self._adopted.discard(path)
         if adopted:  # from the last build: trust what is there, not what it listed
-            found = _subdirs(path)
+            found = self._subdirs(path)
             if found is None:
                 shutil.rmtree(path, ignore_errors=True)
                 return False
@@ -146,6 +165,46 @@ class Spares:
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(workdir, ignore_errors=True)
             return False
+        return True
+
+    def _subdirs(self, path: str) -> frozenset[str] | None:
+        """The directories under `path` (relative to it), or None if it holds anything else
+        or one of them (or it) is not as mkdir makes one now."""
+        found: list[str] = []
+        todo = [""]
+        try:
+            if not self.looks_new(os.lstat(path)):
+                return None
+            while todo:
+                rel = todo.pop()
+                with os.scandir(os.path.join(path, rel)) as it:
+                    for e in it:
+                        if not self.looks_new(e.stat(follow_symlinks=False)):
+                            return None
+                        sub = f"{rel}/{e.name}" if rel else e.name
+                        found.append(sub)
+                        todo.append(sub)
+        except OSError:
+            return None
+        return frozenset(found)
+
+    def looks_new(self, st: os.stat_result) -> bool:
+        """True if `st` (of lstat) is of a directory as mkdir makes one now."""
+        return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == self.mode and st.st_uid == self.uid
+
+    def give_if_new(self, workdir: str, dirs: set[str]) -> bool:
+        """Keep `workdir` as a spare if it holds exactly the empty subdirectories `dirs`,
+        each (and it) as mkdir makes one now; else False."""
+        children: dict[str, set[str]] = {"": set()}
+        for d in dirs:
+            head, tail = os.path.split(d)
+            children.setdefault(head, set()).add(tail)
+            children.setdefault(d, set())
+        for d, names in children.items():
+            path = os.path.join(workdir, d)
+            if not self.looks_new(os.lstat(path)) or set(os.listdir(path)) != names:
+                return False
+        self.give(workdir, frozenset(dirs))
         return True
 
     def give(self, workdir: str, dirs: frozenset[str]) -> None:
@@ -170,6 +229,9 @@ class Spares:
         extra = [pool[i] for i in sorted(drop)]
         pool = [spare for i, spare in enumerate(pool) if i not in drop]
         for path, dirs in extra:
+            if path in self._adopted:  # never looked at: not as listed, maybe
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:  # only empty directories: rmdir them, deepest first
                 for d in sorted(dirs, key=len, reverse=True):
                     os.rmdir(os.path.join(path, d))
@@ -182,22 +244,3 @@ class Spares:
                 json.dump(listed, f, separators=(",", ":"))
         except OSError:
             pass  # then the next build removes them
-
-
-def _subdirs(path: str) -> frozenset[str] | None:
-    """The directories under `path` (relative to it), or None if it holds anything else."""
-    found: list[str] = []
-    todo = [""]
-    try:
-        while todo:
-            rel = todo.pop()
-            with os.scandir(os.path.join(path, rel)) as it:
-                for e in it:
-                    if not e.is_dir(follow_symlinks=False):
-                        return None
-                    sub = f"{rel}/{e.name}" if rel else e.name
-                    found.append(sub)
-                    todo.append(sub)
-    except OSError:
-        return None
-    return frozenset(found)

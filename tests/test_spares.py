@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+
+import pytest
 
 from pipebuild import Pipeline
 from pipebuild.build import Options, build
@@ -106,6 +109,66 @@ def test_a_spare_that_is_not_as_listed_is_not_used_as_it_is(tmp_path):
     assert os.listdir(tmp_path / ".pipebuild/tmp") == []
 
 
+MODES = "stat -c '%n %a %F' . in out"
+
+
+def two_tasks(root: str, first: str, with_b: bool = True) -> Pipeline:
+    """Task a runs `first` after writing its output; task b, after it, lists the mode and
+    type of its own directory, in/ and out/ into b.txt."""
+    p = Pipeline(name="modes")
+    src = os.path.join(root, "src.txt")
+    with open(src, "w") as f:
+        f.write("x\n")
+    a = p.new_task(name="a")
+    a.command(f"cat {p.read_input(src)} > {a.ofile}; {first}")
+    p.write_output(a.ofile, os.path.join(root, "a.txt"))
+    if with_b:
+        b = p.new_task(name="b")
+        b.command(f"cat {p.read_input(src)} > /dev/null; {MODES} > {b.ofile}")
+        b.depends_on(a)
+        p.write_output(b.ofile, os.path.join(root, "b.txt"))
+    return p
+
+
+NEW = ". 755 directory\nin 755 directory\nout 755 directory\n"  # (umask 022)
+
+
+@pytest.mark.parametrize(
+    "first",
+    ["chmod 700 . in out", "mkdir ../../x && mv out/ofile ../../x/ && rmdir out && ln -s ../../x out"],
+    ids=["chmod", "symlink"],
+)
+def test_a_directory_a_task_changed_is_not_handed_on(tmp_path, first):
+    """Given task a that chmods its directory, or makes out/ a symlink to a directory
+    elsewhere (its output still read through it), and then ends as emptied as a spare,
+    task b, run next, should get directories as mkdir makes them, not a's."""
+    root = str(tmp_path)
+    old = os.umask(0o022)
+    try:
+        r = build(two_tasks(root, first), Options(workspace=root, verbosity=-1))
+    finally:
+        os.umask(old)
+    assert r.ok, r.failed
+    assert (tmp_path / "a.txt").read_text() == "x\n"
+    assert (tmp_path / "b.txt").read_text() == NEW
+
+
+def test_a_spare_made_under_another_umask_is_not_taken(tmp_path):
+    """Given spares left by a build under umask 077, a task of the next build, under umask
+    022, should get 755 directories, as a clean build gives it."""
+    root = str(tmp_path)
+    old = os.umask(0o077)
+    try:
+        assert build(two_tasks(root, "true", with_b=False), Options(workspace=root, verbosity=-1)).ok
+        assert manifest(root)
+        os.umask(0o022)
+        r = build(two_tasks(root, "true"), Options(workspace=root, verbosity=-1))
+    finally:
+        os.umask(old)
+    assert r.ok, r.failed
+    assert (tmp_path / "b.txt").read_text() == NEW
+
+
 def spare(tmp_path, name: str, dirs: list[str]) -> tuple[str, frozenset[str]]:
     path = tmp_path / "spares" / name
     path.mkdir(parents=True)
@@ -151,6 +214,9 @@ def test_a_layout_made_ahead_is_the_spare_its_task_takes(tmp_path):
     huge = frozenset({"in", "out"} | {f"in/{k}" for k in range(1, 20000)})
     pool = Spares(str(tmp_path / "spares"), [], keep=4)
     pool.make_ahead([huge])
+    deadline = time.monotonic() + 10
+    while not os.path.isdir(tmp_path / "spares" / "1" / "in/1") and time.monotonic() < deadline:
+        time.sleep(0.001)  # under way: some of it made, not all (20,000 mkdirs take far longer)
     pool.close()
     [[name, listed]] = manifest_at(tmp_path / "spares")
     assert set(listed) < huge and ("in" in listed or listed == [])  # stopped part of the way
