@@ -221,7 +221,7 @@ def _unknown_target(graph: Graph, target: str) -> str:
 
 
 class _Outcome:
-    """What a worker reports back to the main thread."""
+    """What a task's work hands to `_complete`."""
 
     __slots__ = ("ok", "ran", "outputs", "blobs", "files", "failure", "seconds")
 
@@ -463,7 +463,7 @@ class _Build:
         files.update(blobs)
         noop.write(self.ws.dir, fp, [n.name for n in self.nodes if self.selected[n.index]], files)
 
-    # -- main thread: decisions and records ----------------------------------------
+    # -- decisions and records (one thread at a time, under the scheduler's lock) ----
 
     def _decide(self, i: int) -> Callable[[], _Outcome] | None:
         node = self.nodes[i]

@@ -12,7 +12,8 @@ verbose_log/close), which build.py calls:
   import, so it is imported only here, only when stdout is a terminal (see `choose`).
 * `JsonReporter` writes one JSON object per line on stdout, every event, for tools.
 
-`started` comes from the worker thread that runs the task; the others from the main thread.
+`started` comes from the worker thread that runs the task; the others from whichever thread
+holds the scheduler's lock (one at a time: the main thread or a worker).
 """
 
 from __future__ import annotations

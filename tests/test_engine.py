@@ -233,6 +233,80 @@ def test_the_scheduler_decides_only_as_far_ahead_as_the_slots_need():
     assert skipped == list(range(n)) and sched.not_run == []
 
 
+def test_workers_complete_and_decide_without_handing_back_to_the_calling_thread():
+    """Given 100 independent tasks and 2 slots, the calling thread should only make the
+    first decisions: every completion, and every later decision, happens on one of at
+    most 2 worker threads, one call at a time. Given them all up to date, no thread at all."""
+    import threading
+    import time
+
+    from pipebuild.schedule import Scheduler
+
+    main = threading.get_ident()
+    deciders: list[int] = []
+    completers: list[int] = []
+    inside = [0, 0]  # calls in progress now, most at once
+
+    def call(record: list[int]) -> None:
+        inside[0] += 1
+        inside[1] = max(inside)
+        record.append(threading.get_ident())
+        time.sleep(0.0005)  # long enough for an unlocked second call to overlap
+        inside[0] -= 1
+
+    def decide(i: int):
+        call(deciders)
+        return lambda: time.sleep(0.001)
+
+    def complete(i: int, result) -> bool:
+        call(completers)
+        return True
+
+    n = 100
+    sched = Scheduler([[] for _ in range(n)], [True] * n, jobs=2, slots=2)
+    sched.run(decide, complete)
+    assert sched.not_run == [] and len(completers) == n
+    assert main not in completers and len(set(completers)) <= 2
+    assert deciders[:2] == [main, main] and main not in deciders[2:]
+    assert inside[1] == 1
+
+    before = threading.active_count()
+    sched = Scheduler([[] for _ in range(n)], [True] * n, jobs=2, slots=2)
+    sched.run(lambda i: deciders.append(threading.active_count()), lambda i, ok: ok)
+    assert deciders[-n:] == [before] * n
+
+
+def test_an_error_in_complete_is_raised_after_the_work_in_flight_and_nothing_more_starts():
+    """Given complete() raising on the 5th task of 50 (say, the cache cannot be written),
+    run() should raise that error on the calling thread once the work in flight has
+    ended, with no work started after it."""
+    import threading
+    import time
+
+    from pipebuild.schedule import Scheduler
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def decide(i: int):
+        def work() -> None:
+            with lock:
+                started.append(i)
+            time.sleep(0.005)
+
+        return work
+
+    def complete(i: int, result) -> bool:
+        if i == 4:
+            raise RuntimeError("cannot write the cache")
+        return True
+
+    sched = Scheduler([[] for _ in range(50)], [True] * 50, jobs=2, slots=2)
+    with pytest.raises(RuntimeError, match="cannot write the cache"):
+        sched.run(decide, complete)
+    assert 5 <= len(started) <= 6, started  # 4 and the one beside it; none after
+
+
 def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
     """Given x fails, with keep_going y still runs and z, z2 are reported as not run."""
     write(str(tmp_path / "src/a.txt"), "alpha\n")
