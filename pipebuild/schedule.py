@@ -110,11 +110,12 @@ class Scheduler:
         def start_workers() -> None:  # (under the lock)
             nonlocal running
             while runq and running < self.slots and not halted:
-                running += 1
-                t = threading.Thread(target=worker, args=(runq.popleft(),), name=f"pipebuild_{len(threads)}")
+                t = threading.Thread(target=worker, args=(runq[0],), name=f"pipebuild_{len(threads)}")
                 t.daemon = True
+                t.start()  # may raise (can't start new thread): nothing counted yet
+                runq.popleft()
+                running += 1
                 threads.append(t)
-                t.start()
 
         def worker(item: tuple[int, Work] | None) -> None:
             nonlocal running, halted, stop_called
@@ -124,7 +125,6 @@ class Scheduler:
                     result, exc = work(), None
                 except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                     result, exc = None, e
-                stop = False
                 with lock:
                     running -= 1
                     item = None
@@ -137,20 +137,21 @@ class Scheduler:
                                 self.failed = True
                             self._finish(i, ok, ready)
                             if self.failed and not self.keep_going and not stop_called:
-                                stop_called = stop = True
+                                stop_called = True
+                                on_stop()  # before any work is taken after the failure
                             fill()
-                            if runq:
+                            if runq and not halted:
                                 running += 1
                                 item = runq.popleft()
                                 start_workers()  # for what else became ready
                     except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                         errors.append(e)
                         halted = True
-                        item = None
+                        if item is not None:
+                            running -= 1
+                            item = None
                     if running == 0 and item is None:
                         finished.set()
-                if stop:
-                    on_stop()
 
         try:
             with lock:
@@ -161,8 +162,7 @@ class Scheduler:
             finished.wait()
         except KeyboardInterrupt:
             self.interrupted = True
-            with lock:
-                halted = True
+            halted = True  # at once, without the lock a worker may hold for a long decision
             on_interrupt()
             raise
         finally:

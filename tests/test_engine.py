@@ -307,6 +307,109 @@ def test_an_error_in_complete_is_raised_after_the_work_in_flight_and_nothing_mor
     assert 5 <= len(started) <= 6, started  # 4 and the one beside it; none after
 
 
+def test_on_stop_comes_before_any_work_taken_after_the_failure():
+    """Given task 0 failing and three always_run tasks depending on it, on_stop (which
+    kills whatever runs at that moment) should be called before any of their work starts,
+    and on_stop raising should be raised by run(), not hang it or lose the error."""
+    import threading
+
+    from pipebuild.schedule import Scheduler
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def decide(i: int):
+        def work() -> None:
+            with lock:
+                events.append(f"start {i}")
+
+        return work
+
+    def on_stop() -> None:
+        with lock:
+            events.append("on_stop")
+
+    for _ in range(20):
+        events.clear()
+        deps: list[list[int]] = [[], [0], [0], [0]]
+        sched = Scheduler(deps, [True] * 4, jobs=4, slots=8, always_run=[False, True, True, True])
+        sched.run(decide, lambda i, r: i != 0, on_stop=on_stop)
+        assert events[:2] == ["start 0", "on_stop"] and len(events) == 5, events
+
+    def failing_stop() -> None:
+        raise ConnectionError("docker went away")
+
+    sched = Scheduler([[], [0], [0]], [True] * 3, jobs=2, slots=4, always_run=[False, True, True])
+    with pytest.raises(ConnectionError):
+        sched.run(lambda i: lambda: None, lambda i, r: i != 0, on_stop=failing_stop)
+
+
+def test_ctrl_c_during_a_slow_decision_stops_the_work_at_once():
+    """Given a worker deciding a task for 2 s under the scheduler's lock, Ctrl-C at 0.3 s
+    should reach on_interrupt at once (not after the decision), and no work should start
+    after it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pipebuild.schedule import Scheduler
+
+    t0 = time.monotonic()
+    log: list[tuple[str, float]] = []
+
+    def decide(i: int):
+        if i == 1:
+            time.sleep(2.0)  # e.g. a remote cache lookup that retries
+        return lambda: log.append((f"work {i}", time.monotonic() - t0))
+
+    def ctrl_c() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    sched = Scheduler([[], [0], [1], [1]], [True] * 4, jobs=2, slots=2)
+    with pytest.raises(KeyboardInterrupt):
+        sched.run(decide, lambda i, r: True, on_interrupt=lambda: log.append(("on_interrupt", time.monotonic() - t0)))
+    assert [what for what, _ in log] == ["work 0", "on_interrupt"], log
+    assert log[1][1] < 1.0, log
+
+
+def test_a_thread_that_cannot_start_is_an_error_not_a_hang(monkeypatch):
+    """Given the second worker thread failing to start (a thread limit) when a worker
+    starts it, run() should raise that error once the first worker's work has ended,
+    rather than wait forever."""
+    import threading
+
+    from pipebuild.schedule import Scheduler
+
+    starts = [0]
+    start = threading.Thread.start
+
+    def failing_start(self: threading.Thread) -> None:
+        starts[0] += 1
+        if starts[0] == 2:
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    result: list[BaseException | None] = []
+
+    def drive() -> None:
+        try:
+            deps: list[list[int]] = [[], [0], [0], [0]]  # the worker that ends 0 starts a second
+            Scheduler(deps, [True] * 4, jobs=2, slots=2).run(lambda i: lambda: None, lambda i, r: True)
+            result.append(None)
+        except RuntimeError as e:
+            result.append(e)
+
+    t = threading.Thread(target=drive, daemon=True)
+    start(t)
+    t.join(10)
+    assert not t.is_alive(), "run() hung"
+    assert result and isinstance(result[0], RuntimeError), result
+
+
 def test_keep_going_runs_everything_not_downstream_of_a_failure(tmp_path):
     """Given x fails, with keep_going y still runs and z, z2 are reported as not run."""
     write(str(tmp_path / "src/a.txt"), "alpha\n")
