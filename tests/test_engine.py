@@ -285,26 +285,36 @@ def test_an_error_in_complete_is_raised_after_the_work_in_flight_and_nothing_mor
 
     from pipebuild.schedule import Scheduler
 
-    started: list[int] = []
+    started: list[tuple[int, bool]] = []  # (task, whether complete() had already raised)
+    running = [0]
     lock = threading.Lock()
+    raised = threading.Event()
 
     def decide(i: int):
         def work() -> None:
             with lock:
-                started.append(i)
+                started.append((i, raised.is_set()))
+                running[0] += 1
             time.sleep(0.005)
+            with lock:
+                running[0] -= 1
 
         return work
 
     def complete(i: int, result) -> bool:
         if i == 4:
+            raised.set()
             raise RuntimeError("cannot write the cache")
         return True
 
     sched = Scheduler([[] for _ in range(50)], [True] * 50, jobs=2, slots=2)
     with pytest.raises(RuntimeError, match="cannot write the cache"):
         sched.run(decide, complete)
-    assert 5 <= len(started) <= 6, started  # 4 and the one beside it; none after
+    assert running[0] == 0  # the work in flight had ended
+    assert {0, 1, 2, 3, 4} <= {i for i, _ in started}
+    # The other worker may have taken a task or two while task 4 ran; none after the raise.
+    assert not [i for i, after in started if after], started
+    assert len(started) < 50
 
 
 def test_on_stop_comes_before_any_work_taken_after_the_failure():
