@@ -273,6 +273,9 @@ class _Build:
         # as many tokens: `jobs` tasks in their command, `jobs` waiting to start in the executor.
         self.command_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.stopping = False
+        self.halting = False  # an error ends the build (_halt)
+        self._stopped = False  # _stop was called
+        self._stop_lock = threading.Lock()
         self._limited: LocalExecutor | None = None
         # Emptied task directories for reuse; as many as could be in use at once are kept
         # for the next build (spares.py).
@@ -321,7 +324,8 @@ class _Build:
                     self._decide,
                     self._complete,
                     on_interrupt=self.executor.cancel_all,
-                    on_stop=self.executor.stop_running,  # a failure without -k stops the rest
+                    on_stop=self._stop,  # a failure without -k stops the rest
+                    on_error=self._halt,  # e.g. the cache cannot be written
                 )
             finally:
                 dirty = self.stats.take_dirty()
@@ -372,8 +376,25 @@ class _Build:
         self._limited = host
         return 2 * jobs
 
+    def _stop(self) -> None:
+        """A failure without -k (or an error): no command starts after this but always_run
+        ones, and the commands running now are stopped. Once per build, so that an
+        always_run command started after it is never stopped by a second call."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = self.stopping = True  # (stopping already, if a command failed)
+        self.executor.stop_running()
+
+    def _halt(self) -> None:
+        """An error ends the build: stop what runs, and start nothing more, always_run
+        tasks included. (Not the executor's cancel_all, as Ctrl-C: that refuses jobs
+        for good, and an executor passed in Options may serve another build.)"""
+        self.halting = True
+        self._stop()
+
     def _may_start(self, job: Job) -> bool:
-        return not self.stopping or job.always_run
+        return not self.halting and (not self.stopping or job.always_run)
 
     def _job_failed(self, job: Job) -> bool:
         if not self.options.keep_going:
@@ -490,8 +511,17 @@ class _Build:
             return None
         self.pending[i] = (key, rdigest, inputs, dec)
         if dec.action is Action.RESTORE:
-            return partial(self._restore, node, dec, key)
-        return partial(self._execute, node, key)
+            return partial(self._attempt, partial(self._restore, node, dec, key))
+        return partial(self._attempt, partial(self._execute, node, key))
+
+    def _attempt(self, work: Callable[[], _Outcome]) -> _Outcome:
+        """A task's work, on a worker thread. Any failure without -k (laying out inputs,
+        a command, publishing, restoring) stops the build at once, not only once the
+        scheduler has taken its outcome."""
+        out = work()
+        if out.failure is not None and not self.options.keep_going:
+            self._stop()
+        return out
 
     def _record_ok(
         self,
@@ -583,7 +613,7 @@ class _Build:
             return out
         self.command_slots.get()
         try:
-            if self.stopping and not node.always_run:
+            if self.halting or (self.stopping and not node.always_run):
                 out.failure = TaskFailure(node.name, STOPPED)
                 return out
             if self._limited is None:  # (else the executor says when the command starts)

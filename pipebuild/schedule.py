@@ -67,14 +67,19 @@ class Scheduler:
         complete: Callable[[int, Any], bool],
         on_interrupt: Callable[[], None] = lambda: None,
         on_stop: Callable[[], None] = lambda: None,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         """Run every selected node; returns when nothing more can run.
 
         `decide` and `complete` are called one at a time, under the scheduler's lock, on
         the calling thread (the first decisions) or a worker thread. An exception from
-        them or from work is raised here once the work in flight has ended. `on_stop` is
-        called once, at the first failure when not keep_going, so that work still running
-        can be stopped; `on_interrupt` at Ctrl-C, before the work in flight is waited for.
+        them or from work ends the run: `on_error` is called once (on that worker, before
+        the work in flight is waited for), so that the work in flight stops, and the error
+        is raised here once it has ended. `on_stop` is called once, at the first failure
+        when not keep_going, so that work still running can be stopped; `on_interrupt` at
+        Ctrl-C, before the work in flight is waited for.
+        A worker that finds nothing to take while other work runs parks until it is given
+        some or the run ends, so at most `slots` threads are ever started.
         """
         lock = threading.Lock()  # the state below, and every call of decide and complete
         ready = deque(i for i in range(self.n) if self.selected[i] and self.pending[i] == 0)
@@ -82,6 +87,8 @@ class Scheduler:
         running = 0  # work items taken by workers
         halted = False  # an interrupt or an error: workers take no more work
         stop_called = False
+        erred = False  # on_error has been called
+        idle: list[tuple[threading.Lock, list[tuple[int, Work]]]] = []  # parked: a held gate, a box
         errors: list[BaseException] = []
         finished = threading.Event()  # nothing runs and nothing more will
         threads: list[threading.Thread] = []
@@ -110,6 +117,12 @@ class Scheduler:
         def start_workers() -> None:  # (under the lock)
             nonlocal running
             while runq and running < self.slots and not halted:
+                if idle:  # wake a parked worker: cheaper than starting a thread
+                    gate, box = idle.pop()
+                    box.append(runq.popleft())
+                    running += 1
+                    gate.release()
+                    continue
                 t = threading.Thread(target=worker, args=(runq[0],), name=f"pipebuild_{len(threads)}")
                 t.daemon = True
                 t.start()  # may raise (can't start new thread): nothing counted yet
@@ -117,14 +130,27 @@ class Scheduler:
                 running += 1
                 threads.append(t)
 
+        def release_idle() -> None:  # (under the lock) the run is over: parked workers exit
+            while idle:
+                idle.pop()[0].release()
+
+        def stop_on_error() -> None:  # (not under the lock) an error ends the run: stop what runs
+            try:
+                on_error()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                with lock:
+                    errors.append(e)
+
         def worker(item: tuple[int, Work] | None) -> None:
-            nonlocal running, halted, stop_called
+            nonlocal running, halted, stop_called, erred
             while item is not None:
                 i, work = item
                 try:
                     result, exc = work(), None
                 except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                     result, exc = None, e
+                park: tuple[threading.Lock, list[tuple[int, Work]]] | None = None
+                first_error = False
                 with lock:
                     running -= 1
                     item = None
@@ -147,11 +173,26 @@ class Scheduler:
                     except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                         errors.append(e)
                         halted = True
+                        first_error, erred = not erred, True
                         if item is not None:
                             running -= 1
                             item = None
-                    if running == 0 and item is None:
-                        finished.set()
+                    if item is None:
+                        if running == 0:
+                            finished.set()
+                            release_idle()
+                        elif not halted:
+                            # Work still runs and may make more ready: wait to be given
+                            # some, rather than exit and have a new thread started for it
+                            # (on a spine with a leaf on each node, a thread per task).
+                            park = (threading.Lock(), [])
+                            park[0].acquire()
+                            idle.append(park)
+                if first_error:
+                    stop_on_error()
+                if park is not None:
+                    park[0].acquire()  # released by start_workers (an item) or release_idle
+                    item = park[1][0] if park[1] else None
 
         try:
             with lock:
@@ -168,6 +209,7 @@ class Scheduler:
         finally:
             with lock:
                 halted = True
+                release_idle()
             for t in threads:
                 t.join()  # each finishes the work it has; results after an interrupt are dropped
         if errors:

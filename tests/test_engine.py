@@ -276,6 +276,78 @@ def test_workers_complete_and_decide_without_handing_back_to_the_calling_thread(
     assert deciders[-n:] == [before] * n
 
 
+def test_a_spine_with_a_leaf_on_each_node_starts_no_more_threads_than_slots(monkeypatch):
+    """Given 200 spine nodes each with a leaf (both ready at once when the spine node ends)
+    and 2 slots, every node should run on at most 2 threads: a worker with nothing to take
+    waits for work instead of exiting and having a thread started for the next leaf."""
+    import threading
+    import time
+
+    from pipebuild.schedule import Scheduler
+
+    starts = [0]
+    start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        starts[0] += 1
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    deps: list[list[int]] = []
+    for k in range(200):
+        deps.append([2 * k - 2] if k else [])  # spine
+        deps.append([2 * k])  # its leaf
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def decide(i: int):
+        def work() -> None:
+            time.sleep(0.0002 if i % 2 else 0.001)  # the leaf ends first; its worker finds nothing
+            with lock:
+                ran.append(i)
+
+        return work
+
+    sched = Scheduler(deps, [True] * len(deps), jobs=2, slots=2)
+    sched.run(decide, lambda i, r: True)
+    assert sorted(ran) == list(range(len(deps))) and sched.not_run == []
+    assert starts[0] <= 2, starts
+
+
+def test_an_error_in_complete_stops_the_work_in_flight_through_on_error():
+    """Given complete() raising while another task's work is still running, on_error
+    should be called (to stop it) once, before run() waits for that work."""
+    import threading
+
+    from pipebuild.schedule import Scheduler
+
+    released = threading.Event()  # what on_error does: the running work is killed
+    calls: list[str] = []
+
+    def decide(i: int):
+        def work() -> str:
+            if i == 1:
+                return "killed" if released.wait(10) else "ran to its end"
+            return "done"
+
+        return work
+
+    def complete(i: int, result) -> bool:
+        calls.append(f"{i} {result}")
+        if i == 0:
+            raise RuntimeError("cannot write the cache")
+        return True
+
+    def on_error() -> None:
+        calls.append("on_error")
+        released.set()
+
+    sched = Scheduler([[], []], [True, True], jobs=2, slots=2)
+    with pytest.raises(RuntimeError, match="cannot write the cache"):
+        sched.run(decide, complete, on_error=on_error)
+    assert calls == ["0 done", "on_error"], calls  # task 1's result is dropped
+
+
 def test_an_error_in_complete_is_raised_after_the_work_in_flight_and_nothing_more_starts():
     """Given complete() raising on the 5th task of 50 (say, the cache cannot be written),
     run() should raise that error on the calling thread once the work in flight has
@@ -739,6 +811,124 @@ def test_tasks_waiting_for_a_command_slot_at_j2_run_after_a_failure_with_keep_go
     assert [f.name for f in r.failed] == ["bad"]
     assert sorted(r.ran) == ["q0", "q1", "q2", "q3", "q4"]
     assert read(tmp_path / "q4") == "4\n"
+
+
+def _fail_bad_layout_at_once_and_hear_of_it_late(monkeypatch) -> None:
+    """Task `bad` fails to lay out its inputs at once (an I/O error); every other task
+    takes 0.2 s per input to lay out; the scheduler takes 0.6 s to hear of a failure (as
+    if writing its record waited for the disk)."""
+    import errno
+    import time
+
+    from pipebuild import build as build_module
+
+    real_link = build_module.link_or_copy
+
+    def link(src: str, dst: str) -> None:
+        if f"{os.sep}bad{os.sep}" in dst:
+            raise OSError(errno.EIO, "Input/output error")
+        time.sleep(0.2)
+        real_link(src, dst)
+
+    real_complete = build_module._Build._complete
+
+    def complete(self, i, outcome):
+        if not outcome.ok:
+            time.sleep(0.6)
+        return real_complete(self, i, outcome)
+
+    monkeypatch.setattr(build_module, "link_or_copy", link)
+    monkeypatch.setattr(build_module._Build, "_complete", complete)
+
+
+def test_a_failure_laying_out_inputs_stops_commands_at_once_not_when_the_scheduler_hears(tmp_path, monkeypatch):
+    """Given -j2, `bad` failing to lay out its inputs at once and q0-q2 each taking 0.2 s to
+    lay out theirs, with the scheduler taking 0.6 s to hear of bad's failure, no q command
+    should start: the failure stops commands where it happens."""
+
+    src = tmp_path / "in.txt"
+    src.write_text("x\n")
+    p = Pipeline()
+    tasks = []
+    for name in ("bad", "q0", "q1", "q2"):
+        t = p.new_task(name)
+        t.command(f"date +%s%N > {tmp_path}/{name}-started; cat {p.read_input(str(src))} > {t.ofile}")
+        p.write_output(t.ofile, str(tmp_path / f"{name}.out"))
+        tasks.append(t)
+    _fail_bad_layout_at_once_and_hear_of_it_late(monkeypatch)
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert [f.name for f in r.failed] == ["bad"] and "Input/output error" in r.failed[0].detail
+    assert not list(tmp_path.glob("*-started")), r.ran
+    assert sorted(r.not_run) == ["q0", "q1", "q2"]
+
+
+def test_an_error_that_ends_the_build_stops_the_commands_running(tmp_path, monkeypatch):
+    """Given -j2 and the cache failing to record `quick` while `slow` (3 s) runs, the build
+    should raise the cache's error once slow's command has been stopped, not after it ends."""
+    from pipebuild import store
+
+    marker = f"sleep 3.{os.getpid()}"
+    p = Pipeline()
+    slow = p.new_task("slow")
+    slow.command(f"{marker}; touch {tmp_path}/slow-ended; echo > {slow.ofile}")
+    quick = p.new_task("quick")
+    quick.command(f"echo > {quick.ofile}")
+    for t in (slow, quick):
+        p.write_output(t.ofile, str(tmp_path / t.name))
+
+    def fail(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store.Store, "_record", fail)
+    with pytest.raises(Exception, match="database or disk is full"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert not (tmp_path / "slow-ended").exists()
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1
+
+
+def test_an_executor_passed_in_options_serves_the_next_build_after_an_error(tmp_path, monkeypatch):
+    """Given a LocalExecutor passed in Options and a build ended by the cache failing, the
+    next build with the same executor should run its task (the error must not leave the
+    executor refusing jobs, as Ctrl-C's cancel_all does)."""
+    from pipebuild import store
+    from pipebuild.executors.local import LocalExecutor
+
+    p = Pipeline()
+    t = p.new_task("t")
+    t.command(f"echo hi > {t.ofile}")
+    p.write_output(t.ofile, str(tmp_path / "t.out"))
+    ex = LocalExecutor()
+
+    def fail(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store.Store, "_record", fail)
+    with pytest.raises(Exception, match="database or disk is full"):
+        build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=1, executor=ex))
+    monkeypatch.undo()
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=1, executor=ex))
+    assert r.ran == ["t"] and read(tmp_path / "t.out") == "hi\n"
+
+
+def test_an_always_run_command_started_after_a_failure_laying_out_inputs_runs_to_its_end(tmp_path, monkeypatch):
+    """Given -j2, `bad` failing to lay out its inputs at once and the always_run task taking
+    0.2 s to lay out its own (so its command starts after the failure, before the scheduler
+    hears of it 0.6 s later), the always_run task should run to its end, as it does after a
+    failing command."""
+
+    src = tmp_path / "in.txt"
+    src.write_text("x\n")
+    p = Pipeline()
+    bad = p.new_task("bad")
+    bad.command(f"cat {p.read_input(str(src))} > {bad.ofile}")
+    p.write_output(bad.ofile, str(tmp_path / "bad.out"))
+    always = p.new_task("always").always_run()
+    always.command(f"cat {p.read_input(str(src))} > /dev/null; sleep 0.5; echo hi > {always.ofile}")
+    p.write_output(always.ofile, str(tmp_path / "always.out"))
+    _fail_bad_layout_at_once_and_hear_of_it_late(monkeypatch)
+    r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
+    assert [f.name for f in r.failed] == ["bad"] and r.ran == ["always"], r.reasons
+    assert read(tmp_path / "always.out") == "hi\n"
 
 
 def test_a_script_longer_than_one_argument_runs_from_a_file(tmp_path):
