@@ -91,6 +91,8 @@ class Spares:
         self._pool = list(adopted)
         self._adopted = {path for path, _ in adopted}  # not yet looked at
         self._lock = threading.Lock()
+        self._making: set[frozenset[str]] = set()  # layouts make_ahead has yet to finish
+        self._made = threading.Condition(self._lock)  # one of them is finished
         self._count = max((int(os.path.basename(p)) for p, _ in adopted), default=0)
         self._ahead: threading.Thread | None = None
         self._stop = False
@@ -100,33 +102,48 @@ class Spares:
         will need them later (a gather of 10,000 files all called `ofile` needs 10,000:
         ~0.5 s of mkdir on ext4, which the build otherwise spends with both cores idle,
         between the last task before the gather and the gather). A layout that a spare in
-        the pool has already is skipped."""
+        the pool has already is skipped. A task that needs a layout still being made
+        waits for it (what is left to make is less than the whole)."""
         if layouts:
+            self._making = set(layouts)
             self._ahead = threading.Thread(target=self._make, args=(layouts,), name="pipebuild_spares", daemon=True)
             self._ahead.start()
 
     def _make(self, layouts: list[frozenset[str]]) -> None:
-        for dirs in layouts:
+        try:
+            for dirs in layouts:
+                try:
+                    self._make_one(dirs)
+                finally:
+                    with self._lock:
+                        self._making.discard(dirs)
+                        self._made.notify_all()
+        finally:  # (whatever happened, nobody waits for the rest)
             with self._lock:
-                if self._stop or any(has == dirs for _, has in self._pool):
-                    continue
-                self._count += 1
-                path = os.path.join(self.dir, str(self._count))
-            made: list[str] = []  # parents first, so what is made is a layout of its own
-            try:
-                os.mkdir(path)
-            except OSError:
-                continue
-            try:
-                for d in sorted(dirs, key=len):
-                    if self._stop:
-                        break
-                    os.mkdir(os.path.join(path, d))
-                    made.append(d)
-            except OSError:
-                pass
-            with self._lock:
-                self._pool.append((path, frozenset(made)))
+                self._making.clear()
+                self._made.notify_all()
+
+    def _make_one(self, dirs: frozenset[str]) -> None:
+        with self._lock:
+            if self._stop or any(has == dirs for _, has in self._pool):
+                return
+            self._count += 1
+            path = os.path.join(self.dir, str(self._count))
+        made: list[str] = []  # parents first, so what is made is a layout of its own
+        try:
+            os.mkdir(path)
+        except OSError:
+            return
+        try:
+            for d in sorted(dirs, key=len):
+                if self._stop:
+                    break
+                os.mkdir(os.path.join(path, d))
+                made.append(d)
+        except OSError:
+            pass
+        with self._lock:
+            self._pool.append((path, frozenset(made)))
 
     def take(self, workdir: str, dirs: set[str]) -> bool:
         """Rename the best spare to `workdir` and give it exactly the subdirectories `dirs`.
@@ -134,6 +151,10 @@ class Spares:
         False if no spare is worth it: making `workdir` anew costs one mkdir per
         directory; a spare costs one per subdirectory it lacks or has too many."""
         with self._lock:
+            if self._making:
+                wanted = frozenset(dirs)
+                while wanted in self._making:
+                    self._made.wait()
             best, cost = -1, len(dirs) + 1
             for i in range(len(self._pool) - 1, -1, -1):  # the newest first
                 has = self._pool[i][1]

@@ -72,6 +72,23 @@ def test_a_wide_gather_that_never_ran_finds_its_directory_made(tmp_path, monkeyp
     assert sum(m.startswith(str(tmp_path / ".pipebuild/spares/")) for m in made) >= 72
 
 
+def test_a_task_that_needs_a_layout_still_being_made_waits_for_it(tmp_path):
+    """Given make_ahead of a layout of 3,000 directories and, at once, a task that needs
+    exactly that layout, the task should get that spare (finished by the thread making
+    it), not start a directory of its own beside it."""
+    spares_dir = tmp_path / "spares"
+    spares_dir.mkdir()
+    layout = frozenset(["in"] + [f"in/{i}" for i in range(1, 3000)] + ["out"])
+    spares = Spares(str(spares_dir), [], keep=4)
+    spares.make_ahead([layout])
+    workdir = tmp_path / "task"
+    assert spares.take(str(workdir), set(layout))
+    found = {os.path.relpath(os.path.join(d, n), workdir) for d, names, _ in os.walk(workdir) for n in names}
+    assert found == set(layout)
+    spares.close()
+    assert manifest_at(str(spares_dir)) == []  # the one it made was taken
+
+
 def test_spares_of_a_build_that_did_not_end_are_removed(tmp_path):
     """Given a build killed with -9 (its `building` marker left), the next build should not
     trust the spares it listed and remove them all; after a build that ended, it keeps them."""
