@@ -27,6 +27,17 @@ REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
 _buckets = itertools.count()
 
 
+def no_process(marker: str, timeout: float = 10.0) -> bool:
+    """Whether no process's command line contains `marker`, within `timeout` seconds: a
+    killed process in a group whose shell was waited for may take a moment to exit."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["pgrep", "-f", "--", marker], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh working directory, so a run's `.pipebuild/` cache lands inside tmp_path."""

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import no_process
 
 from pipebuild.executors import STOPPED, Job, JobResult
 from pipebuild.executors.local import LocalExecutor, needs_own_bash, stop_orphans
@@ -62,7 +63,7 @@ def test_a_timeout_kills_the_whole_group(tmp_path: Path) -> None:
         t0 = time.monotonic()
         r = ex.run(job(tmp_path, "slow", f"{marker} & {marker}; wait", timeout=0.5))
         assert r.timed_out and time.monotonic() - t0 < 10
-        assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1
+        assert no_process(marker)
         assert ex.run(job(tmp_path, "after", "true")).exit_code == 0  # the server lives on
     finally:
         ex.close()

@@ -360,7 +360,7 @@ def test_at_j2_the_reporter_hears_started_only_for_commands_that_ran(workdir):
         "tasks = [slow, bad]\n"
         "for i in range(4):\n"
         "    t = p.new_task(f'q{i}')\n"
-        "    t.command(f'echo {i} > {t.ofile}')\n"
+        "    t.command(f'sleep 0.1; echo {i} > {t.ofile}')\n"  # (bad gets a slot before all 4 run)
         "    tasks.append(t)\n"
         "for t in tasks:\n"
         "    p.write_output(t.ofile, f'out/{t.name}.txt')\n"
