@@ -337,11 +337,16 @@ class _Build:
                     if key is not None:
                         self.store.forget_action(key)
             failed = {f.name for f in self.result.failed}
+            downstream: set[int] = set()  # of a failure; not of a task merely stopped (not_run is in order)
             for i in sched.not_run:
                 name = self.nodes[i].name
                 if name in failed:
                     continue
-                why = Reason.UPSTREAM_FAILED if sched.blocked[i] else Reason.STOPPED
+                if sched.blocked[i] and any(
+                    self.nodes[d].name in failed or d in downstream for d in self.nodes[i].deps
+                ):
+                    downstream.add(i)
+                why = Reason.UPSTREAM_FAILED if i in downstream else Reason.STOPPED
                 self.result.not_run.append(name)
                 self.result.reasons[name] = why
                 self.reporter.task(name, "not run", why)

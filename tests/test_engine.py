@@ -762,18 +762,25 @@ def test_a_definition_error_at_build_time_leaves_no_crash_marker(tmp_path):
 
 
 def test_a_failure_without_keep_going_stops_tasks_still_running(tmp_path):
-    """Given -j2 with one task failing while another sleeps, we should stop the sleeper and record nothing for it."""
+    """Given -j2 with one task failing while another sleeps, we should stop the sleeper and
+    record nothing for it; what comes after the sleeper was stopped too, and only what
+    comes after the failed task is not run because a dependency failed."""
     marker = f"sleep 37.{os.getpid()}"
     p = Pipeline()
     bad = p.new_task("bad")
     bad.command(f"sleep 0.3; echo > {bad.ofile}; exit 1")
     slow = p.new_task("slow")
     slow.command(f"{marker}; echo > {slow.ofile}")
-    for t in (bad, slow):
+    after = p.new_task("after")
+    after.command(f"cat {slow.ofile} > {after.ofile}")
+    child = p.new_task("child")
+    child.command(f"cat {bad.ofile} {after.ofile} > {child.ofile}")
+    for t in (bad, slow, after, child):
         p.write_output(t.ofile, str(tmp_path / t.name))
     r = build(p, Options(workspace=str(tmp_path), verbosity=-1, jobs=2))
-    assert [f.name for f in r.failed] == ["bad"] and r.not_run == ["slow"]
-    assert r.reasons["slow"] == "the build stopped after a failure"
+    assert [f.name for f in r.failed] == ["bad"] and r.not_run == ["slow", "after", "child"]
+    assert r.reasons["slow"] == r.reasons["after"] == "the build stopped after a failure"
+    assert r.reasons["child"] == "a dependency failed"
     assert no_process(marker)
     db = sqlite3.connect(tmp_path / ".pipebuild/cache.sqlite")
     try:
