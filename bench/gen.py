@@ -22,6 +22,9 @@ Shapes (N = requested size; the real task count is in graph["ntasks"]):
   layers : L = round(sqrt(N)) layers x W = N // L tasks;
            layer 0 task j reads s/x{j}, s/x{(j+1)%W};
            layer k task j reads l{k-1}_{j}, l{k-1}_{(j+1)%W}
+  spine  : a chain of N//2 steps with a leaf on each: t_k = cksum(t_{k-1}),
+           leaf_k = cksum(t_k)  (N tasks; not in the default runs: it shows
+           how a scheduler copes with two tasks ready at once, one at a time)
 
 The file written for each tool lives in the workload directory next to
 s/ (sources) and o/ (outputs).  graph.json is always written as well.
@@ -51,7 +54,8 @@ import shutil
 import subprocess
 import sys
 
-SHAPES = ("chain", "fan", "layers")
+SHAPES = ("chain", "fan", "layers")  # the default runs and issue #8's targets
+ALL_SHAPES = (*SHAPES, "spine")
 
 
 # --------------------------------------------------------------------------
@@ -98,6 +102,17 @@ def make_graph(shape: str, n: int) -> dict:
                 tasks.append({"id": f"l{k}_{j}", "ins": ins, "out": f"o/l{k}_{j}", "kind": "src" if k == 0 else "sum"})
         finals = [f"o/l{L - 1}_{j}" for j in range(W)]
         touch = f"s/x{W // 2}"
+    elif shape == "spine":
+        src["s/seed"] = "seed\n"
+        prev = "s/seed"
+        finals = []
+        for k in range(max(1, n // 2)):
+            out = f"o/t{k}"
+            tasks.append({"id": f"t{k}", "ins": [prev], "out": out, "kind": "src" if k == 0 else "sum"})
+            tasks.append({"id": f"v{k}", "ins": [out], "out": f"o/v{k}", "kind": "sum"})
+            finals.append(f"o/v{k}")
+            prev = out
+        touch = "s/seed"
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return {
@@ -484,7 +499,7 @@ def generate(tool: str, shape: str, n: int, d: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tool", required=True, choices=sorted(TOOLS))
-    ap.add_argument("--shape", required=True, choices=SHAPES)
+    ap.add_argument("--shape", required=True, choices=ALL_SHAPES)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("-j", "--jobs", type=int, default=2)

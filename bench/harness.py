@@ -354,7 +354,7 @@ def cmd_report(a):
     groups = {}
     for r in recs:
         groups.setdefault((r["tool"], r["shape"], r["n"], r["scenario"]), []).append(r)
-    combos = sorted({(r["shape"], r["n"], r["ntasks"]) for r in recs}, key=lambda x: (gen.SHAPES.index(x[0]), x[1]))
+    combos = sorted({(r["shape"], r["n"], r["ntasks"]) for r in recs}, key=lambda x: (gen.ALL_SHAPES.index(x[0]), x[1]))
     print("Tool versions:\n")
     for t in tools:
         print(f"- {t}: {vers.get(t)}")

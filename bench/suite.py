@@ -447,7 +447,7 @@ def cmd_summary(a):
                         extras.append(r)
     P = "pipebuild"
     peers = [t for t in a.vs.split(",") if any(r["tool"] == t for r in recs)]
-    combos = sorted({(r["shape"], r["n"], r["ntasks"]) for r in recs}, key=lambda x: (gen.SHAPES.index(x[0]), x[1]))
+    combos = sorted({(r["shape"], r["n"], r["ntasks"]) for r in recs}, key=lambda x: (gen.ALL_SHAPES.index(x[0]), x[1]))
     out = []
     w = out.append
     loads = [r["load1"] for r in recs if r.get("load1") is not None]
