@@ -12,6 +12,7 @@ import contextlib
 import gc
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -24,6 +25,12 @@ from typing import Any, NoReturn
 import pytest
 
 REQUIRE = os.environ.get("PIPEBUILD_REQUIRE_DOCKER") == "1"
+
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every pipebuild it starts: the Ctrl-C tests, which send SIGINT
+# themselves, would then hang. A handler here is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 _buckets = itertools.count()
 
 
