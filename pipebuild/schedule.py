@@ -73,7 +73,7 @@ class Scheduler:
 
         `decide` and `complete` are called one at a time, under the scheduler's lock, on
         the calling thread (the first decisions) or a worker thread. An exception from
-        them or from work ends the run: `on_error` is called once (on that worker, before
+        them, from work or from starting a thread ends the run: `on_error` is called once (on that worker, before
         the work in flight is waited for), so that the work in flight stops, and the error
         is raised here once it has ended. `on_stop` is called once, at the first failure
         when not keep_going, so that work still running can be stopped; `on_interrupt` at
@@ -205,6 +205,13 @@ class Scheduler:
             self.interrupted = True
             halted = True  # at once, without the lock a worker may hold for a long decision
             on_interrupt()
+            raise
+        except Exception:  # from the first decisions, or a first thread that cannot start
+            with lock:
+                halted = True
+                first_error, erred = not erred, True
+            if first_error:
+                stop_on_error()  # the threads started before it run work that can be stopped
             raise
         finally:
             with lock:

@@ -236,15 +236,18 @@ def test_the_scheduler_decides_only_as_far_ahead_as_the_slots_need():
 
 @pytest.fixture
 def thread_starts(monkeypatch):
-    """Call it to count threading.Thread.start calls from then on, in the list it returns."""
+    """Call it to count threading.Thread.start calls from then on, in the list it returns;
+    with `fail_at=N`, the Nth call raises as at a thread limit."""
     import threading
 
-    def count() -> list[int]:
+    def count(fail_at: int = 0) -> list[int]:
         starts = [0]
         start = threading.Thread.start
 
         def counting_start(self: threading.Thread) -> None:
             starts[0] += 1
+            if starts[0] == fail_at:
+                raise RuntimeError("can't start new thread")
             start(self)
 
         monkeypatch.setattr(threading.Thread, "start", counting_start)
@@ -359,6 +362,26 @@ def test_an_error_in_complete_stops_the_work_in_flight_through_on_error():
     with pytest.raises(RuntimeError, match="cannot write the cache"):
         sched.run(decide, complete, on_error=on_error)
     assert calls == ["0 done", "on_error"], calls  # task 1's result is dropped
+
+
+def test_a_first_thread_that_cannot_start_stops_the_one_started_before_it(thread_starts):
+    """Given the calling thread starting the first two workers and the second failing to
+    start (a thread limit), the first one's work should be stopped through on_error, not
+    waited for, and run() should raise the error."""
+    import threading
+
+    from pipebuild.schedule import Scheduler
+
+    thread_starts(fail_at=2)
+    stopped = threading.Event()
+    results: list[bool] = []
+
+    def decide(i: int):
+        return lambda: results.append(stopped.wait(10))
+
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        Scheduler([[], []], [True, True], jobs=2, slots=2).run(decide, lambda i, r: True, on_error=stopped.set)
+    assert results == [True]
 
 
 def test_an_error_in_complete_is_raised_after_the_work_in_flight_and_nothing_more_starts():
@@ -486,7 +509,7 @@ def test_ctrl_c_during_a_slow_decision_stops_the_work_at_once():
     assert seen_while_deciding == [True]
 
 
-def test_a_thread_that_cannot_start_is_an_error_not_a_hang(monkeypatch):
+def test_a_thread_that_cannot_start_is_an_error_not_a_hang(thread_starts):
     """Given the second worker thread failing to start (a thread limit) when a worker
     starts it, run() should raise that error once the first worker's work has ended,
     rather than wait forever."""
@@ -494,16 +517,8 @@ def test_a_thread_that_cannot_start_is_an_error_not_a_hang(monkeypatch):
 
     from pipebuild.schedule import Scheduler
 
-    starts = [0]
-    start = threading.Thread.start
-
-    def failing_start(self: threading.Thread) -> None:
-        starts[0] += 1
-        if starts[0] == 2:
-            raise RuntimeError("can't start new thread")
-        start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    start = threading.Thread.start  # (for the thread that drives the scheduler)
+    thread_starts(fail_at=2)
     result: list[BaseException | None] = []
 
     def drive() -> None:
