@@ -73,11 +73,12 @@ class Scheduler:
 
         `decide` and `complete` are called one at a time, under the scheduler's lock, on
         the calling thread (the first decisions) or a worker thread. An exception from
-        them, from work or from starting a thread ends the run: `on_error` is called once (on that worker, before
-        the work in flight is waited for), so that the work in flight stops, and the error
-        is raised here once it has ended. `on_stop` is called once, at the first failure
-        when not keep_going, so that work still running can be stopped; `on_interrupt` at
-        Ctrl-C, before the work in flight is waited for.
+        them, from work or from starting a thread ends the run: `on_error` is called once,
+        on the thread that met it, before the work in flight is waited for (so that it
+        can be stopped), and the error is raised here once that work has ended. `on_stop`
+        is called once, at the first failure when not keep_going, so that work still
+        running can be stopped; `on_interrupt` at Ctrl-C, before the work in flight is
+        waited for.
         A worker that finds nothing to take while other work runs parks until it is given
         some or the run ends, so at most `slots` threads are ever started.
         """
