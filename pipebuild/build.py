@@ -19,12 +19,12 @@ import errno
 import gc as pygc
 import json
 import os
-import queue
 import shlex
 import shutil
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -235,6 +235,38 @@ class _Outcome:
         self.seconds = 0.0
 
 
+class CommandSlots:
+    """A counting semaphore that serves waiters in the order they came: a slot given back
+    goes to the longest waiter, never to whichever thread asks next. (queue.SimpleQueue
+    as a token pool let a worker that gave a slot back and went on to its next task take
+    it again, so a ready task could wait behind 15 later ones at -j2; threading's
+    Semaphore is no fairer, and slower.)"""
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self._free = n  # (> 0 only when nobody waits)
+        self._waiting: deque[threading.Lock] = deque()  # each held until its slot is handed over
+
+    def get(self) -> None:
+        """Take a slot, waiting for one if none is free."""
+        with self._lock:
+            if self._free:
+                self._free -= 1
+                return
+            gate = threading.Lock()
+            gate.acquire()
+            self._waiting.append(gate)
+        gate.acquire()  # released by put(): the slot is ours
+
+    def put(self) -> None:
+        """Give a slot back: to the longest waiter, if any."""
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._free += 1
+
+
 class _InputLost(Exception):
     pass
 
@@ -267,11 +299,10 @@ class _Build:
         # At most `jobs` commands run at once; preparing a task directory and publishing
         # and cleaning up after a command (~2.5 ms per task, mostly file system calls) run
         # outside this limit, beside other tasks' commands. A failure without -k sets
-        # `stopping` before the slot is released, so no command starts after it. A slot is
-        # a token in a C-level queue (threading's semaphores are Python code over a Condition).
-        # Where the local executor keeps the limit itself (_limit_commands), there are twice
-        # as many tokens: `jobs` tasks in their command, `jobs` waiting to start in the executor.
-        self.command_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # `stopping` before the slot is released, so no command starts after it. Slots go to
+        # waiting tasks in the order they asked (see CommandSlots). Where the local executor
+        # keeps the limit itself (_limit_commands), in order too, there are none.
+        self.command_slots: CommandSlots | None = None
         self.stopping = False
         self.halting = False  # an error ends the build (_halt)
         self._stopped = False  # _stop was called
@@ -291,8 +322,9 @@ class _Build:
         self.store = Store(ws.db, warn=self.reporter.warning)
         try:
             self.images = _resolve_images(self.executor, self.graph, self.selected, ws.dir)
-            for _ in range(self._limit_commands()):
-                self.command_slots.put(None)
+            self._limit_commands()
+            if self._limited is None:
+                self.command_slots = CommandSlots(max(1, opts.jobs))
             self.cas = ContentStore(ws.cas)
             self.stats = stat_cache(self.store.load_files(), self.graph, self.cas, fetch=True)
             traces = self.store.load_tasks(full=False)
@@ -368,18 +400,18 @@ class _Build:
         self.reporter.summary(len(r.ran), len(r.restored), len(r.up_to_date), len(r.failed), len(r.not_run), r.seconds)
         return r
 
-    def _limit_commands(self) -> int:
-        """Let the local executor limit commands to -j, if it runs them all; returns how many
-        tasks may take a command slot at once (see command_slots)."""
+    def _limit_commands(self) -> None:
+        """Let the local executor limit commands to -j, if it runs them all (then the build
+        needs no command slots of its own: the scheduler's `2 * jobs` work items are
+        `jobs` tasks in their command and `jobs` waiting in the executor)."""
         jobs = max(1, self.options.jobs)
         host = getattr(self.executor, "host", self.executor)  # DispatchExecutor's
         if jobs == 1 or not isinstance(host, LocalExecutor):
-            return jobs
+            return
         if any(n.image for n in self.nodes if self.selected[n.index]):
-            return jobs  # containers count against -j too, and they run elsewhere
+            return  # containers count against -j too, and they run elsewhere
         host.limit(jobs, self._may_start, self._job_failed)
         self._limited = host
-        return 2 * jobs
 
     def _stop(self) -> None:
         """A failure without -k (or an error): no command starts after this but always_run
@@ -616,7 +648,9 @@ class _Build:
         except (_InputLost, OSError) as e:
             out.failure = TaskFailure(node.name, str(e))
             return out
-        self.command_slots.get()
+        slots = self.command_slots
+        if slots is not None:
+            slots.get()
         try:
             if self.halting or (self.stopping and not node.always_run):
                 out.failure = TaskFailure(node.name, STOPPED)
@@ -627,7 +661,8 @@ class _Build:
             if out.failure is not None and not self.options.keep_going:
                 self.stopping = True
         finally:
-            self.command_slots.put(None)
+            if slots is not None:
+                slots.put()
         if out.failure is None:
             try:
                 self._publish(node, out)

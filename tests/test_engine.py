@@ -596,6 +596,35 @@ def test_at_most_jobs_commands_run_at_once(tmp_path):
     assert running[1] == 2
 
 
+def test_a_command_slot_given_back_goes_to_the_task_waiting_longest():
+    """Given one command slot held and a task waiting for it, the holder giving it back
+    and asking again at once should wait behind that task, not take the slot again."""
+    import threading
+    import time
+
+    from pipebuild.build import CommandSlots
+
+    slots = CommandSlots(1)
+    slots.get()
+    order: list[str] = []
+
+    def waiter() -> None:
+        slots.get()
+        order.append("waiter")
+        slots.put()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not slots._waiting and time.monotonic() < deadline:  # until it waits
+        time.sleep(0.001)
+    slots.put()
+    slots.get()
+    order.append("holder again")
+    t.join(10)
+    assert order == ["waiter", "holder again"]
+
+
 def test_no_command_starts_after_a_failure_with_spare_work_in_flight(tmp_path):
     """Given -j2 without -k, tasks already prepared when a command fails must not start.
 
